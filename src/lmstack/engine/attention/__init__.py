@@ -1,0 +1,151 @@
+"""Attention backends over the paged KV cache, by name: `ATTENTION_BACKENDS["torch"]`, `["triton"]`.
+
+A backend is the `ctx` the model calls as `ctx.attention(layer, q, k, v, scale)`: it stores the new
+K/V in the cache and attends with the metadata of the current step (set by the model runner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmstack.engine.attention.torch_ref import gather_kv, paged_attention_ref
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the step's T new tokens of B sequences go and what each sequence attends to."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat KV slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [B+1] int32: offsets of each sequence's new tokens in the batch
+    seq_lens: torch.Tensor  # [B] int32: context length after this step (cached + new)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend:
+    """The reference backend; subclasses override `paged` with faster versions of the same function."""
+
+    name = "reference"
+    supports_cuda_graphs = False
+
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        self.kv_caches = kv_caches
+        self.meta: AttentionMetadata | None = None
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [T, Hkv, Dh] into their slots; index_copy_ keeps it a single graph-capturable op."""
+        k_cache, v_cache = self.kv_caches[layer]
+        slots = self.meta.slot_mapping
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.kv_caches is None:
+            return _no_cache_attention(q, k, v, self.meta.query_start_loc_cpu, scale)
+        self.write_kv(layer, k, v)
+        k_cache, v_cache = self.kv_caches[layer]
+        return self.paged(q, k, v, k_cache, v_cache, scale)
+
+    def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        m = self.meta
+        return paged_attention_ref(q, k_cache, v_cache, m.block_tables, m.query_start_loc_cpu, m.seq_lens_cpu, scale)
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
+    """q [L, H, Dh] at positions offset..offset+L-1 over k, v [S, Hkv, Dh] at 0..S-1 → [L, H, Dh]."""
+    group = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1)  # [H, L, Dh]
+    kh = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, Dh]
+    vh = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    if offset == 0:
+        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        L, S = q.shape[0], k.shape[0]
+        mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(offset, offset + L, device=q.device)[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def _no_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qsl: list[int], scale: float) -> torch.Tensor:
+    """Plain causal attention within each packed sequence (scoring full texts, e.g. perplexity)."""
+    out = torch.empty_like(q)
+    for i in range(len(qsl) - 1):
+        s, e = qsl[i], qsl[i + 1]
+        out[s:e] = _sdpa_causal(q[s:e], k[s:e], v[s:e], scale, 0)
+    return out
+
+
+class TorchAttention(AttentionBackend):
+    """Vectorized torch: batched padded gather for decode, SDPA per sequence for prefill. CPU and GPU."""
+
+    name = "torch"
+
+    def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        m = self.meta
+        if m.is_decode:
+            return _decode_padded(q, k_cache, v_cache, m.block_tables, m.seq_lens, m.max_seq_len, scale)
+        out = torch.empty_like(q)
+        qsl = m.query_start_loc_cpu
+        for i, seq_len in enumerate(m.seq_lens_cpu):
+            s, e = qsl[i], qsl[i + 1]
+            if e - s == seq_len:  # the whole context is new: attend over this step's k/v directly
+                out[s:e] = _sdpa_causal(q[s:e], k[s:e], v[s:e], scale, 0)
+            else:
+                kc = gather_kv(k_cache, m.block_tables[i], seq_len)
+                vc = gather_kv(v_cache, m.block_tables[i], seq_len)
+                out[s:e] = _sdpa_causal(q[s:e], kc, vc, scale, seq_len - (e - s))
+        return out
+
+
+def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
+    """One query per sequence: gather every sequence's blocks padded to the longest, mask the padding."""
+    B, H, Dh = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    nb = -(-max_seq_len // bs)
+    tables = block_tables[:, :nb].long()
+    k = k_cache[tables].reshape(B, nb * bs, Hkv, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
+    v = v_cache[tables].reshape(B, nb * bs, Hkv, Dh).transpose(1, 2)
+    qg = q.view(B, Hkv, H // Hkv, Dh).float()  # [B, Hkv, G, Dh]
+    scores = (qg @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, S]
+    pad = torch.arange(nb * bs, device=q.device)[None, :] >= seq_lens[:, None]  # [B, S]
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    out = scores.softmax(-1) @ v.float()  # [B, Hkv, G, Dh]
+    return out.reshape(B, H, Dh).to(q.dtype)
+
+
+class TritonAttention(AttentionBackend):
+    """CUDA: Triton paged kernels for decode and for prefill/mixed steps; decode is graph-capturable."""
+
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        from lmstack.engine.attention import triton_paged
+
+        m = self.meta
+        if m.is_decode:
+            return triton_paged.paged_decode_attention(q, k_cache, v_cache, m.block_tables, m.seq_lens, scale,
+                                                       max_seq_len=m.max_seq_len)
+        return triton_paged.paged_prefill_attention(
+            q, k_cache, v_cache, m.block_tables, m.query_start_loc, m.seq_lens, m.max_query_len, scale
+        )
+
+
+ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
+    "reference": AttentionBackend,
+    "torch": TorchAttention,
+    "triton": TritonAttention,
+}

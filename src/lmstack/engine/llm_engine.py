@@ -1,0 +1,160 @@
+"""The engine loop: add requests, `step()` until done. The offline LLM and the async server drive it."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from lmstack.engine.block_manager import BlockManager
+from lmstack.engine.config import EngineConfig
+from lmstack.engine.outputs import CompletionOutput, RequestOutput
+from lmstack.engine.policies import make_policy
+from lmstack.engine.runner import ModelRunner
+from lmstack.engine.sampling_params import SamplingParams
+from lmstack.engine.scheduler import Scheduler
+from lmstack.engine.sequence import Sequence
+from lmstack.errors import RequestError
+from lmstack.models.config import ModelConfig
+from lmstack.models.llama import LlamaModel
+from lmstack.models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class LLMEngine:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_config: ModelConfig = model.config
+        limit = min(self.model_config.max_position_embeddings, self.config.max_model_len_cap)
+        self.max_model_len = self.config.max_model_len or limit
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            raise RequestError(
+                f"max_model_len {self.max_model_len} exceeds the model's context window "
+                f"({self.model_config.max_position_embeddings})"
+            )
+        torch.manual_seed(self.config.seed)
+        self.runner = ModelRunner(model, self.config, self.max_model_len)
+        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.blocks, make_policy(self.config.policy, **self.config.policy_options),
+                                   self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.requests: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self._seq_no = itertools.count()
+        self.stats: dict[str, float] = {"steps": 0, "schedule_s": 0.0, "forward_s": 0.0, "sample_s": 0.0,
+                                        "postprocess_s": 0.0}
+
+    # ----- requests -----
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    prompt: str | None = None, priority: int = 0, arrival_time: float | None = None) -> str:
+        """Queue a request; errors (too long, empty, bad ids) are raised here, before any work."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty: give at least one token")
+        if n >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {n} tokens but the context window is {self.max_model_len} tokens "
+                f"(prompt + at least 1 generated token); shorten the prompt"
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if -(-(n + 1) // self.config.block_size) > self.blocks.num_blocks - 1:
+            raise RequestError(f"the prompt ({n} tokens) does not fit in the KV cache; raise its memory budget")
+        seq = Sequence(request_id=request_id, prompt_token_ids=list(prompt_token_ids), params=params, prompt=prompt,
+                       priority=priority, seq_no=next(self._seq_no))
+        if arrival_time is not None:
+            seq.arrival_time = seq.metrics.arrival_time = arrival_time
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        self.requests[request_id] = seq
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        self.scheduler.add([seq])
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+        self._detok.pop(request_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ----- the loop -----
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step and one forward; returns the requests that got a token or finished."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        self.stats["schedule_s"] += t1 - t0
+        if not sched.chunks:
+            return []
+        now = time.monotonic()
+        for c in sched.chunks:
+            if c.seq.metrics.first_scheduled_time is None:
+                c.seq.metrics.first_scheduled_time = now
+        tokens, logprobs = self.runner.execute(sched, self.stats)
+        t2 = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        sampled = iter(zip(tokens, logprobs, strict=True))
+        now = time.monotonic()
+        for c in sched.chunks:
+            seq = c.seq
+            seq.num_computed += c.num_tokens
+            if not c.samples:
+                continue
+            token, lp = next(sampled)
+            self._append(seq, token, lp, now)
+            outputs.append(self._output(seq))
+        self.stats["steps"] += 1
+        self.stats["postprocess_s"] += time.perf_counter() - t2
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, lp: Any, now: float) -> None:
+        seq.output_token_ids.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        p = seq.params
+        seq.text += self._detok[seq.request_id].push(token)
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
+            reason = "stop"
+        elif p.stop and self._hit_stop_string(seq):
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            seq.metrics.finish_time = now
+            self.scheduler.finish(seq, reason)
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        """Cut the text at the first stop string (kept if include_stop_str_in_output)."""
+        for s in seq.params.stop:
+            i = seq.text.find(s)
+            if i >= 0:
+                seq.text = seq.text[: i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
+                return True
+        return False
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        done = seq.is_finished
+        if done:
+            self.requests.pop(seq.request_id, None)
+            self._detok.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
+            outputs=[CompletionOutput(index=0, text=seq.text, token_ids=list(seq.output_token_ids),
+                                      finish_reason=seq.finish_reason,
+                                      logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None)],
+            finished=done, metrics=seq.metrics,
+        )

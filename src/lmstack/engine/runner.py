@@ -1,0 +1,244 @@
+"""Runs one scheduled step on the device: builds the flat batch, calls the model, samples.
+
+Owns the KV cache (sized from a memory budget) and, on CUDA, the captured graphs of decode steps:
+a decode step's kernels are replayed from a graph keyed by (padded batch size, block-table width).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from lmstack.engine.attention import ATTENTION_BACKENDS, AttentionBackend, AttentionMetadata
+from lmstack.engine.config import EngineConfig
+from lmstack.engine.outputs import TokenLogprob
+from lmstack.engine.sampler import Sampler
+from lmstack.engine.scheduler import SchedulerOutput
+from lmstack.errors import LmstackError
+from lmstack.models.config import ModelConfig
+from lmstack.models.llama import LlamaModel
+
+GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, cfg: EngineConfig, max_model_len: int) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.model_cfg = model.config
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.block_size = cfg.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // cfg.block_size)
+        self.num_blocks = self._num_blocks()
+        shape = (self.num_blocks, cfg.block_size, self.model_cfg.num_key_value_heads, self.model_cfg.head_dim)
+        self.kv_caches = [
+            (torch.empty(shape, dtype=self.dtype, device=self.device),
+             torch.empty(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.model_cfg.num_hidden_layers)
+        ]
+        backend = cfg.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend not in ATTENTION_BACKENDS:
+            raise LmstackError(f"unknown attention backend {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+        self.backend: AttentionBackend = ATTENTION_BACKENDS[backend](self.kv_caches)
+        self.sampler = Sampler(self.device, cfg.seed)
+        self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = None
+        self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= max(cfg.max_num_seqs, 1)) if self.use_graphs else 0
+        if self.use_graphs:
+            self._alloc_static()
+
+    # ----- memory -----
+    def _num_blocks(self) -> int:
+        per_block = kv_bytes_per_block(self.model_cfg, self.block_size, self.dtype)
+        if self.cfg.num_kv_blocks is not None:
+            return self.cfg.num_kv_blocks
+        if self.cfg.kv_cache_memory is not None:
+            budget = self.cfg.kv_cache_memory
+        elif self.device.type == "cuda":
+            budget = self._cuda_budget()
+        else:
+            budget = 2 * 1024**3
+        n = int(budget // per_block)
+        min_blocks = self.max_blocks_per_seq + 1
+        if n < min_blocks:
+            raise LmstackError(
+                f"the KV cache budget ({budget / 2**30:.2f} GiB) holds {n} blocks, fewer than one full-length "
+                f"sequence needs ({min_blocks}); lower max_model_len or raise the memory budget"
+            )
+        return n
+
+    def _cuda_budget(self) -> float:
+        """What is left of gpu_memory_utilization × total after the weights and a peak-sized forward."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(self.cfg.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        probe = AttentionBackend(None)
+        probe.meta = AttentionMetadata(
+            slot_mapping=ids, query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(1, 1, dtype=torch.int32, device=self.device),
+            query_start_loc_cpu=[0, n], seq_lens_cpu=[n], max_query_len=n, max_seq_len=n)
+        with torch.inference_mode():
+            hidden = self.model(ids, pos, probe)
+            self.model.compute_logits(hidden[-min(n, self.cfg.max_num_seqs):])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        del hidden
+        torch.cuda.empty_cache()
+        return total * self.cfg.gpu_memory_utilization - peak
+
+    # ----- inputs -----
+    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        bs = self.block_size
+        for c in sched.chunks:
+            seq, start, n = c.seq, c.start, c.num_tokens
+            end = start + n
+            table = seq.block_table
+            if n == 1:
+                ids.append(seq.token_at(start))
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids.extend(seq.tokens(start, end))
+                p = np.arange(start, end)
+                pos.extend(p.tolist())
+                slots.extend((np.asarray(table)[p // bs] * bs + p % bs).tolist())
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            if c.samples:
+                sample_rows.append(qsl[-1] - 1)
+        width = max(-(-s // bs) for s in seq_lens)
+        tables = np.zeros((len(seq_lens), width), dtype=np.int32)
+        for i, c in enumerate(sched.chunks):
+            t = c.seq.block_table
+            tables[i, : len(t)] = t
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+            max_query_len=max(c.num_tokens for c in sched.chunks), max_seq_len=max(seq_lens),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        positions = torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True)
+        return input_ids, positions, meta, sample_rows
+
+    # ----- execution -----
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, timings: dict[str, float] | None = None
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Run the step; return the next token (and logprobs) of each chunk that samples, in order."""
+        t0 = time.perf_counter()
+        sampling = [c.seq for c in sched.chunks if c.samples]
+        n = len(sched.chunks)
+        if self.use_graphs and sched.is_decode and n <= self.max_graph_bs:
+            logits = self._run_graph(sched)
+        else:
+            input_ids, positions, meta, rows = self._prepare(sched)
+            self.backend.meta = meta
+            hidden = self.model(input_ids, positions, self.backend)
+            logits = self.model.compute_logits(hidden[rows]) if rows else None
+        t1 = time.perf_counter()
+        if not sampling:
+            return [], []
+        tokens, logprobs = self.sampler(logits, sampling)
+        if timings is not None:
+            t2 = time.perf_counter()
+            timings["forward_s"] = timings.get("forward_s", 0.0) + (t1 - t0)
+            timings["sample_s"] = timings.get("sample_s", 0.0) + (t2 - t1)
+        return tokens, logprobs
+
+    # ----- CUDA graphs -----
+    def _alloc_static(self) -> None:
+        b, dev = self.max_graph_bs, self.device
+        self.s_ids = torch.zeros(b, dtype=torch.long, device=dev)
+        self.s_pos = torch.zeros(b, dtype=torch.long, device=dev)
+        self.s_slots = torch.zeros(b, dtype=torch.long, device=dev)
+        self.s_seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
+        self.s_qsl = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        self.s_tables: dict[int, torch.Tensor] = {}
+        self.h_buf = torch.zeros((4, b), dtype=torch.long).pin_memory()
+
+    def _width_bucket(self, max_seq_len: int) -> int:
+        """Block-table width of the graph: next power of two ≥ 16 blocks, at most the context window."""
+        need = -(-max_seq_len // self.block_size)
+        w = 16
+        while w < need:
+            w *= 2
+        return min(w, self.max_blocks_per_seq)
+
+    def _run_graph(self, sched: SchedulerOutput) -> torch.Tensor:
+        n = len(sched.chunks)
+        bs = next(b for b in GRAPH_BATCH_SIZES if b >= n)
+        blk = self.block_size
+        h = self.h_buf
+        h[:, :bs].zero_()
+        max_len = 0
+        for i, c in enumerate(sched.chunks):
+            seq, p = c.seq, c.start
+            h[0, i] = seq.token_at(p)
+            h[1, i] = p
+            h[2, i] = seq.block_table[p // blk] * blk + p % blk
+            h[3, i] = p + 1
+            max_len = max(max_len, p + 1)
+        width = self._width_bucket(max_len)
+        tables = self.s_tables.get(width)
+        if tables is None:
+            tables = self.s_tables[width] = torch.zeros((self.max_graph_bs, width), dtype=torch.int32, device=self.device)
+        host_tables = np.zeros((bs, width), dtype=np.int32)
+        for i, c in enumerate(sched.chunks):
+            t = c.seq.block_table
+            host_tables[i, : len(t)] = t
+        tables[:bs].copy_(torch.from_numpy(host_tables), non_blocking=True)
+        dev_h = h[:, :bs].to(self.device, non_blocking=True)
+        self.s_ids[:bs].copy_(dev_h[0])
+        self.s_pos[:bs].copy_(dev_h[1])
+        self.s_slots[:bs].copy_(dev_h[2])
+        self.s_seq_lens[:bs].copy_(dev_h[3])
+        key = (bs, width)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(bs, width)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:n]
+
+    def _capture(self, bs: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        meta = AttentionMetadata(
+            slot_mapping=self.s_slots[:bs], query_start_loc=self.s_qsl[: bs + 1], seq_lens=self.s_seq_lens[:bs],
+            block_tables=self.s_tables[width][:bs], query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[1] * bs, max_query_len=1, max_seq_len=width * self.block_size,
+        )
+        self.backend.meta = meta
+        for _ in range(2):  # warm up: compile kernels outside the capture
+            self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
+        if self.graph_pool is None:
+            self.graph_pool = graph.pool()
+        torch.cuda.synchronize()
+        return graph, logits

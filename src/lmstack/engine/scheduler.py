@@ -1,0 +1,130 @@
+"""Continuous batching: each step picks which tokens of which requests run, under a token budget.
+
+Running requests go first (their decode token, or the next chunk of a long prefill), in policy order;
+new requests are admitted with what is left of the budget. When the KV pool runs out, the least urgent
+running request is preempted: its blocks are freed and it is recomputed later from its tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmstack.engine.block_manager import BlockManager
+from lmstack.engine.policies import Policy
+from lmstack.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed this step (= seq.num_computed before the step)
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the known tokens, so the step yields this request's next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(c.num_tokens == 1 for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, policy: Policy, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.policy = policy
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.step_count = 0
+        self.num_preemptions = 0
+
+    def add(self, seqs: list[Sequence]) -> None:
+        self.policy.on_arrival(seqs)
+        self.waiting.extend(seqs)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        self.step_count += 1
+        self.policy.on_step(self.step_count, self.waiting, self.running)
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        self.running.sort(key=self.policy.key)
+        scheduled: set[int] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            if not self._make_room(seq, seq.num_computed + n, scheduled, out):
+                break  # `seq` itself was the least urgent and got preempted
+            self.blocks.allocate(seq, seq.num_computed + n)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            scheduled.add(id(seq))
+            budget -= n
+            i += 1
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int], out: SchedulerOutput) -> bool:
+        """Preempt the least urgent unscheduled running requests until `seq` fits; False if `seq` went."""
+        while not self.blocks.can_allocate(self.blocks.blocks_needed(seq, num_tokens)):
+            victim = self.running[-1]
+            if id(victim) in scheduled:
+                raise RuntimeError("KV pool too small for the requests already scheduled this step")
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(seq)
+        out.preempted.append(seq)
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        self.waiting.sort(key=self.policy.key)
+        admitted = 0
+        for seq in self.waiting:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, seq.num_computed + n)):
+                break
+            self.blocks.allocate(seq, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+            admitted += 1
+        del self.waiting[:admitted]
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a request (done or aborted) and return its blocks to the pool."""
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.blocks.release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
