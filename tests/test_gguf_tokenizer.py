@@ -278,7 +278,7 @@ def test_unknown_embedded_name_lists_known_names() -> None:
 
 
 def test_missing_packages_say_how_to_pull(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = registry.EmbeddedModel("fake-model", "not on PyPI", ("lmstack-no-such-dist-1",), ".bin", 10)
+    fake = registry.EmbeddedModel("fake-model", "not on PyPI", ("lmstack-no-such-dist-1",), "1.0", ".bin", 10)
     monkeypatch.setitem(registry.EMBEDDED, fake.name, fake)
     with pytest.raises(ModelLoadError, match="run: lmstack models pull fake-model"):
         registry.resolve_embedded("fake-model")
@@ -292,7 +292,7 @@ def test_chunks_are_assembled_and_verified(tiny: Tiny, cache: Path,
     for i, start in enumerate(range(0, len(data), 50_000)):
         parts.append(tiny[0].with_name(f"part{i:02d}.bin"))
         parts[-1].write_bytes(data[start:start + 50_000])
-    model = registry.EmbeddedModel("tiny-chunked", "test", tuple(p.name for p in parts), ".bin", len(data))
+    model = registry.EmbeddedModel("tiny-chunked", "test", tuple(p.name for p in parts), "1", ".bin", len(data))
     monkeypatch.setitem(registry.EMBEDDED, model.name, model)
     monkeypatch.setattr(registry, "_part_paths", lambda m: parts)
     assembled = registry.resolve_embedded(model.name)
@@ -300,7 +300,7 @@ def test_chunks_are_assembled_and_verified(tiny: Tiny, cache: Path,
     assert (resolve_model_path(model.name) / "config.json").is_file()
     assembled.unlink()
     monkeypatch.setitem(registry.EMBEDDED, model.name, registry.EmbeddedModel(
-        model.name, "test", model.packages, ".bin", len(data) + 1))
+        model.name, "test", model.packages, "1", ".bin", len(data) + 1))
     with pytest.raises(ModelLoadError, match="expected"):
         registry.resolve_embedded(model.name)
     assert not any(p.name.endswith(".part") for p in (cache / "gguf").iterdir())

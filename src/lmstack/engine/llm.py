@@ -22,9 +22,11 @@ Prompt = str | list[dict[str, Any]] | dict[str, Any]
 class LLM:
     """Loads a model once and generates for many prompts with continuous batching."""
 
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", **engine_config: Any) -> None:
+    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", tokenizer: str | None = None,
+                 **engine_config: Any) -> None:
         config = EngineConfig(**engine_config)
-        self.model, self.tokenizer, self.model_config = load(model, dtype=dtype, device=device, seed=config.seed)
+        self.model, self.tokenizer, self.model_config = load(model, dtype=dtype, device=device, seed=config.seed,
+                                                             tokenizer=tokenizer)
         self.model_path: Path | None = self.model.model_path
         self.device: torch.device = self.model.embed_tokens.weight.device
         self.engine = LLMEngine(self.model, self.tokenizer, config)
@@ -46,8 +48,12 @@ class LLM:
             return self.tokenizer.encode(text, add_special_tokens=False), text
         raise RequestError(f"unsupported prompt type {type(prompt).__name__}: give a str, a chat or token ids")
 
-    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the prompts' order."""
         if isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict) and "role" in prompts[0]

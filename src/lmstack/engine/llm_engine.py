@@ -127,9 +127,8 @@ class LLMEngine:
         p = seq.params
         seq.text += self._detok[seq.request_id].push(token)
         reason = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
-            reason = "stop"
-        elif p.stop and self._hit_stop_string(seq):
+        eos = not p.ignore_eos and token in self.tokenizer.eos_token_ids
+        if token in p.stop_token_ids or eos or (p.stop and self._hit_stop_string(seq)):
             reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"

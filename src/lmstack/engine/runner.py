@@ -207,7 +207,8 @@ class ModelRunner:
         width = self._width_bucket(max_len)
         tables = self.s_tables.get(width)
         if tables is None:
-            tables = self.s_tables[width] = torch.zeros((self.max_graph_bs, width), dtype=torch.int32, device=self.device)
+            tables = torch.zeros((self.max_graph_bs, width), dtype=torch.int32, device=self.device)
+            self.s_tables[width] = tables
         host_tables = np.zeros((bs, width), dtype=np.int32)
         for i, c in enumerate(sched.chunks):
             t = c.seq.block_table

@@ -22,10 +22,7 @@ class Sampler:
         params = [s.params for s in seqs]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, seqs)
+        tokens = logits.argmax(dim=-1) if all(p.greedy for p in params) else self._sample(logits, seqs)
         token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         if raw_logprobs is not None:

@@ -31,14 +31,18 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+             f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
             (self.temperature >= 0.0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0,
+             f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}"),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be between 0 and 20, got {self.logprobs}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20,
+             f"logprobs must be between 0 and 20, got {self.logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be non-negative integers"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
         ]
         for ok, message in checks:

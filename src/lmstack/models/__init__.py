@@ -56,28 +56,43 @@ def _default_tokenizer(cfg: ModelConfig, folder: Path | None) -> Tokenizer:
     return tok
 
 
+def _tokenizer_folder(spec: str) -> Path:
+    """A folder with tokenizer files (weights not needed), or any model name that resolves to one."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return path
+    return resolve_model_path(spec)
+
+
 def load(
-    name_or_path: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", seed: int = 0
+    name_or_path: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", seed: int = 0,
+    tokenizer: str | None = None,
 ) -> tuple[LlamaModel, Tokenizer, ModelConfig]:
-    """Load a model, its tokenizer and config; see ARCHITECTURE.md for the accepted names."""
+    """Load a model, its tokenizer and config; see ARCHITECTURE.md for the accepted names.
+
+    `tokenizer` names another folder (or model) to take the tokenizer from, as `--tokenizer` does.
+    """
     dev = resolve_device(device)
     if name_or_path.startswith("dummy:"):
         cfg, folder = dummy_config(name_or_path.removeprefix("dummy:"))
         torch_dtype = resolve_dtype(dtype, dev)
-        tokenizer = _default_tokenizer(cfg, folder)
+        if tokenizer is not None:
+            folder = _tokenizer_folder(tokenizer)
+        tok = _default_tokenizer(cfg, folder)
         model = _build(cfg, torch_dtype, dev)
         _init_random(model, seed)
-        return model, tokenizer, cfg
+        return model, tok, cfg
     folder = resolve_model_path(name_or_path)
     cfg = ModelConfig.from_file(folder / "config.json")
     torch_dtype = resolve_dtype(dtype, dev)
-    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=cfg.eos_token_id)
+    tok = Tokenizer.from_folder(_tokenizer_folder(tokenizer) if tokenizer else folder,
+                                eos_token_ids=cfg.eos_token_id)
     model = _build(cfg, torch_dtype, dev)
     state = load_safetensors_state_dict(folder)
     with torch.no_grad():
         model.load_hf_state_dict(state)
     model.model_path = folder
-    return model, tokenizer, cfg
+    return model, tok, cfg
 
 
 def _build(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaModel:

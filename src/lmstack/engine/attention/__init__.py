@@ -76,7 +76,9 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return out.transpose(0, 1)
 
 
-def _no_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qsl: list[int], scale: float) -> torch.Tensor:
+def _no_cache_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qsl: list[int], scale: float
+) -> torch.Tensor:
     """Plain causal attention within each packed sequence (scoring full texts, e.g. perplexity)."""
     out = torch.empty_like(q)
     for i in range(len(qsl) - 1):
