@@ -342,7 +342,7 @@ def _command(args: argparse.Namespace, output: Path) -> str:
     """The command that reproduces this run, every option spelled out (sys.argv may be pytest's)."""
     parts = ["lmstack", "bench", "serve"]
     names = (("base_url", "model", "tokenizer", "endpoint", "num_clients", "disconnect_fraction", "malformed",
-              "max_tokens", "seed") if args.load_test else
+              "max_tokens", "timeout", "seed") if args.load_test else
              ("base_url", "model", "tokenizer", "endpoint", "dataset", "num_prompts", "request_rate", "sweep",
               "slo", "max_concurrency", "max_model_len", "timeout", "seed"))
     for name in names:
@@ -385,6 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if errors:
             metrics["errors"] = errors[:5]
         runs.append(metrics)
+        print(f"== {model} at {metrics['request_rate']} req/s ==")
         _print_rows(metrics, None)
     extra = {"base_url": args.base_url, "model": model, "endpoint": args.endpoint,
              "replay_lengths": args.replay_lengths}
@@ -401,10 +402,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_rows(metrics: dict[str, Any], output: Path | None) -> None:
-    rows = [(k, v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, int | float)]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        shown = f"{value:,.3f}" if isinstance(value, float) else str(value)
+        shown = f"{value:,.3f}" if isinstance(value, float) else str(value)  # bools and ints as they are
         print(f"  {key:<{width}}  {shown:>14}")
     if output is not None:
         print(f"results: {output}")
@@ -428,6 +429,8 @@ def plot_sweep(runs: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("request rate (req/s)")
+        if max(rates) >= 8 * min(rates):  # doubling sweeps (1,2,4,8,...) read best on a log axis
+            ax.set_xscale("log", base=2)
     axes[0][0].legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -565,7 +568,7 @@ async def run_load_test(base_url: str, model: str | None = None, *, num_clients:
                             f"(finish {result.finish_reason}) {result.error}".strip())
     return {"model": model, "num_clients": num_clients, "disconnect_fraction": disconnect_fraction,
             "requests_ok": ok, "requests_aborted": aborted, "requests_lost": lost,
-            "kv_blocks_leaked": leaked, "malformed_sent": malformed, "malformed_rejected": rejected,
-            "malformed_unexpected": unexpected, "duration_s": duration,
+            "kv_blocks_leaked": None if leaked is None else int(leaked), "malformed_sent": malformed,
+            "malformed_rejected": rejected, "malformed_unexpected": unexpected, "duration_s": duration,
             "server_up": health is not None and health.status_code == 200,
             "problems": problems[:10]}

@@ -28,7 +28,7 @@ from lmstack.models import resolve_device
 T = TypeVar("T")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_GPU_HF_DEFAULT_BATCHES = 4  # on GPU the HF baseline runs this many batches unless --hf-num-prompts says
+_GPU_HF_DEFAULT_BATCHES = 2  # on GPU the HF baseline runs this many batches unless --hf-num-prompts says
 _WARMUP_PROMPTS = 4
 _B1_PROMPT_LEN, _B1_OUTPUT_LEN = 128, 256
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor data sheets; more specific names first.
@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     parser.add_argument("--output", default=None,
                         help="results JSON (default benchmarks/results/engine_{cpu|gpu}.json)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="take the tokenizer from this folder or model (e.g. for dummy: models)")
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs in the engine")
 
 
@@ -146,7 +148,6 @@ class _HFSource:
 
     model_path: Path | None
     hf_config: dict[str, Any]
-    state_dict: dict[str, torch.Tensor] | None
     dtype: torch.dtype
     device: torch.device
     eos_token_ids: list[int]
@@ -160,7 +161,7 @@ def _engine_phase(args: argparse.Namespace, hardware: _Hardware | None, metrics:
     engine_kwargs = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens")
                      if getattr(args, k) is not None}
     llm = LLM(args.model, dtype=args.dtype, device=args.device, enforce_eager=args.enforce_eager,
-              seed=args.seed, **engine_kwargs)
+              seed=args.seed, tokenizer=args.tokenizer, **engine_kwargs)
     cfg = llm.model_config
     max_total = min(2048, cfg.max_position_embeddings)
     requests = sample_requests(llm.tokenizer, args.num_prompts, seed=args.seed,
@@ -195,14 +196,10 @@ def _engine_phase(args: argparse.Namespace, hardware: _Hardware | None, metrics:
     if hardware is not None:
         _gpu_metrics(llm, params, requests, hardware, metrics, notes)
 
-    state_dict = None
     if not args.no_hf and llm.model_path is None:
-        if hasattr(llm, "hf_state_dict"):
-            state_dict = llm.hf_state_dict()
-        else:
-            notes.append("HF baseline uses its own random weights (the engine has no hf_state_dict()); "
-                         "speed does not depend on the values")
-    source = _HFSource(model_path=llm.model_path, hf_config=cfg.to_hf_dict(), state_dict=state_dict,
+        notes.append("HF baseline uses its own random weights for a dummy model: speed does not depend on "
+                     "the values")
+    source = _HFSource(model_path=llm.model_path, hf_config=cfg.to_hf_dict(),
                        dtype=dtype, device=device, eos_token_ids=list(cfg.eos_token_id))
     return requests, source
 
@@ -240,6 +237,8 @@ def _gpu_metrics(llm: Any, params: Callable[[int], Any], requests: list[BenchReq
         "mfu = 2 x num_params x (prompt + output tokens) / elapsed / peak dense bf16; attention FLOPs are "
         "ignored and the LM head is counted for every token, so it is an approximation",
     ]
+    if metrics["dtype"] not in ("bfloat16", "float16"):
+        notes.append(f"mfu compares a {metrics['dtype']} run with the bf16 tensor-core peak")
 
 
 def _hf_dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -264,13 +263,6 @@ def _hf_model(source: _HFSource, notes: list[str]) -> torch.nn.Module:
     config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
     with torch.device(source.device):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
-    if source.state_dict is not None:
-        missing, unexpected = model.load_state_dict(source.state_dict, strict=False)
-        # A tied LM head may legitimately be absent from our state dict; anything else is worth a note.
-        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        if missing or unexpected:
-            notes.append(f"HF weights copied from the engine with {len(missing)} missing and "
-                         f"{len(unexpected)} unexpected keys; the rest is random (speed is unaffected)")
     return model.eval()
 
 
@@ -282,7 +274,6 @@ def _hf_phase(source: _HFSource, requests: list[BenchRequest], batch_size: int,
 
     model = _hf_model(source, notes)
     pad = source.eos_token_ids[0] if source.eos_token_ids else 0
-    eos = source.eos_token_ids or None
 
     def generate(batch: list[BenchRequest], new_tokens: int) -> None:
         width = max(len(r.prompt_token_ids) for r in batch)
@@ -290,9 +281,8 @@ def _hf_phase(source: _HFSource, requests: list[BenchRequest], batch_size: int,
                            device=source.device)
         mask = torch.tensor([[0] * (width - len(r.prompt_token_ids)) + [1] * len(r.prompt_token_ids)
                              for r in batch], device=source.device)
-        # min_new_tokens = max_new_tokens masks EOS until the end: HF's equivalent of ignore_eos.
-        gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=pad, eos_token_id=eos)
+        # No EOS id: generation never stops early, HF's cheapest equivalent of ignore_eos.
+        gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=None)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
         if out.shape[1] - width != new_tokens:
             raise RuntimeError(f"HF generated {out.shape[1] - width} tokens per row, expected {new_tokens}")

@@ -40,10 +40,10 @@ from lmstack.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    SamplingFields,
     TokenLogprobEntry,
     TopLogprob,
     Usage,
-    SamplingFields,
 )
 
 T = TypeVar("T")

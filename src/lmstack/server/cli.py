@@ -1,0 +1,84 @@
+"""`lmstack serve`: load a model, wrap it in an AsyncEngine and serve it over HTTP with uvicorn.
+
+Imports of torch, FastAPI and uvicorn happen in `run`, so that building the `lmstack` parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from typing import Any
+
+from lmstack.errors import LmstackError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="embedded name, HF folder, .gguf file or dummy:<preset>")
+    parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
+    parser.add_argument("--api-key", default=os.environ.get("LMSTACK_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $LMSTACK_API_KEY)")
+    parser.add_argument("--max-queue", type=int, help="waiting requests before new ones get a 429 (default: no limit)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-num-seqs", type=int, help="requests running at once")
+    parser.add_argument("--max-model-len", type=int, help="context window (default: the model's, capped)")
+    parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: from the memory budget)")
+    parser.add_argument("--policy", default="fcfs", help="scheduling policy")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (413 over it)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests may take to finish after SIGTERM")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise LmstackError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_bytes < 1:
+        raise LmstackError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
+    if args.drain_timeout < 0:
+        raise LmstackError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise LmstackError("--api-key must not be empty")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; on SIGTERM in-flight requests finish first, then exit 0."""
+    _check(args)
+    import uvicorn
+
+    from lmstack.engine.async_engine import AsyncEngine
+    from lmstack.engine.llm import LLM
+    from lmstack.server.app import create_app
+
+    engine_config: dict[str, Any] = {"policy": args.policy}
+    for key in ("max_num_seqs", "max_model_len", "num_kv_blocks"):
+        if getattr(args, key) is not None:
+            engine_config[key] = getattr(args, key)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, **engine_config)
+    engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
+    name = args.served_model_name or args.model
+    app = create_app(engine, llm.tokenizer, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     drain_timeout=args.drain_timeout)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"serving {name} on http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.lmstack.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=max(1, round(args.drain_timeout)))
+    # uvicorn re-raises the signal it caught once it has shut down; after a graceful drain SIGTERM means
+    # "done", so the re-raised one must not kill the process with a signal status.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    Server(config).run()
+    return 0
