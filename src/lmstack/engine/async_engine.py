@@ -2,8 +2,9 @@
 
 The engine is not thread-safe, so only the engine thread touches it. Coroutines hand it commands (add,
 abort) through a lock-protected queue that the thread applies between steps; the thread hands outputs back
-through each request's asyncio queue with one `call_soon_threadsafe` per event loop per step. When there is
-no work the thread sleeps on a condition variable, so an idle server costs no CPU.
+with one `call_soon_threadsafe` per event loop per step. Each request has a one-slot mailbox rather than a
+queue: outputs are cumulative, so a slow consumer only ever needs the latest, and memory stays bounded. When
+there is no work the thread sleeps on a condition variable, so an idle server costs no CPU.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import logging
 import threading
 import uuid
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 
 from lmstack.engine.llm_engine import LLMEngine
 from lmstack.engine.outputs import RequestOutput
@@ -46,10 +47,20 @@ class EngineStats:
 
 @dataclass
 class _Stream:
-    """Where the engine thread sends one request's outputs (RequestOutput, an exception, or None = aborted)."""
+    """One request's mailbox, touched only on its event loop: the latest output, then how it ended."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException | None]
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: RequestOutput | None = None
+    ended: bool = False  # aborted (error None) or failed (error set)
+    error: BaseException | None = None
+
+    def put(self, item: RequestOutput | BaseException | None) -> None:
+        if isinstance(item, RequestOutput):
+            self.latest = item
+        else:
+            self.ended, self.error = True, item
+        self.wakeup.set()
 
 
 @dataclass
@@ -77,6 +88,7 @@ class AsyncEngine:
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 1):
             raise LmstackError(f"max_queue must be a positive integer (or unset), got {max_queue!r}")
         self.engine = engine
+        engine.config.stream_text = True  # streamed responses need each step's text
         self.max_queue = max_queue
         self._cond = threading.Condition()
         self._commands: deque[_Add | _Abort] = deque()
@@ -110,7 +122,7 @@ class AsyncEngine:
         return EngineStats(s.running, s.waiting + self._pending_adds, s.kv_blocks_used, s.kv_blocks_total)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       prompt: str | None = None, priority: int = 0) -> AsyncGenerator[RequestOutput, None]:
         """Cumulative outputs of one request, the last one `finished`.
 
         Raises `QueueFullError`/`EngineClosedError` when the request is refused and `RequestError` when the
@@ -119,7 +131,7 @@ class AsyncEngine:
         gets only the latest output: outputs are cumulative, so nothing is lost.
         """
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         with self._cond:
             if not self._accepting:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
@@ -133,17 +145,17 @@ class AsyncEngine:
         done = False
         try:
             while True:
-                item = await stream.queue.get()
-                while isinstance(item, RequestOutput) and not item.finished and not stream.queue.empty():
-                    item = stream.queue.get_nowait()
-                if item is None:
+                if stream.latest is None and not stream.ended:
+                    stream.wakeup.clear()
+                    await stream.wakeup.wait()
+                out, stream.latest = stream.latest, None
+                if out is None:  # ended: aborted, or failed
                     done = True
+                    if stream.error is not None:
+                        raise stream.error
                     return
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                done = item.finished
-                yield item
+                done = out.finished
+                yield out
                 if done:
                     return
         finally:
@@ -182,7 +194,12 @@ class AsyncEngine:
             self._loop()
         except Exception as e:  # a bug in the loop itself: fail everyone rather than hang them
             log.exception("the engine thread crashed")
-            self._send([(s, EngineStepError(f"the engine thread crashed: {e!r}")) for s in self._streams.values()])
+            with self._cond:
+                self._accepting = False
+                pending = [c.stream for c in self._commands if isinstance(c, _Add)]
+                self._commands.clear()
+            streams = [*self._streams.values(), *pending]
+            self._send([(s, EngineStepError(f"the engine thread crashed: {e!r}")) for s in streams])
             self._streams.clear()
         finally:
             self._accepting = False
@@ -203,7 +220,10 @@ class AsyncEngine:
             if stop:
                 break
             if self.engine.has_unfinished:
-                self._send(self._step())
+                outbox = self._step()
+                with self._cond:
+                    self._publish_stats()
+                self._send(outbox)
         for rid in self._streams:
             self.engine.abort_request(rid)
         self._send([(s, EngineClosedError("the server shut down before this request finished"))
@@ -253,8 +273,6 @@ class AsyncEngine:
             stream = self._streams.pop(out.request_id) if out.finished else self._streams.get(out.request_id)
             if stream is not None:
                 outbox.append((stream, out))
-        with self._cond:
-            self._publish_stats()
         return outbox
 
     def _publish_stats(self) -> None:
@@ -279,4 +297,4 @@ class AsyncEngine:
 
 def _deliver(items: list[tuple[_Stream, _Item]]) -> None:
     for stream, item in items:
-        stream.queue.put_nowait(item)
+        stream.put(item)

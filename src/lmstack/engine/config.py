@@ -21,6 +21,7 @@ class EngineConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     attention_backend: str = "auto"  # "triton" on CUDA, "torch" elsewhere
     enforce_eager: bool = False  # no CUDA graphs
+    stream_text: bool = True  # detokenize every step (servers); off: decode once at the end (offline batches)
     seed: int = 0
 
     max_model_len_cap: int = 32768

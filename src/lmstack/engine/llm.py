@@ -24,7 +24,7 @@ class LLM:
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", tokenizer: str | None = None,
                  **engine_config: Any) -> None:
-        config = EngineConfig(**engine_config)
+        config = EngineConfig(**{"stream_text": False, **engine_config})
         self.model, self.tokenizer, self.model_config = load(model, dtype=dtype, device=device, seed=config.seed,
                                                              tokenizer=tokenizer)
         self.model_path: Path | None = self.model.model_path

@@ -74,7 +74,8 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         self.requests[request_id] = seq
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        if self.config.stream_text or params.stop:
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
         self.scheduler.add([seq])
         return request_id
 
@@ -125,7 +126,9 @@ class LLMEngine:
         if seq.metrics.first_token_time is None:
             seq.metrics.first_token_time = now
         p = seq.params
-        seq.text += self._detok[seq.request_id].push(token)
+        detok = self._detok.get(seq.request_id)
+        if detok is not None:
+            seq.text += detok.push(token)
         reason = None
         eos = not p.ignore_eos and token in self.tokenizer.eos_token_ids
         if token in p.stop_token_ids or eos or (p.stop and self._hit_stop_string(seq)):
@@ -135,6 +138,8 @@ class LLMEngine:
         if reason is not None:
             seq.metrics.finish_time = now
             self.scheduler.finish(seq, reason)
+            if detok is None:  # text was not streamed: decode it once, now
+                seq.text = self.tokenizer.decode(seq.output_token_ids)
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
         """Cut the text at the first stop string (kept if include_stop_str_in_output)."""

@@ -1,7 +1,8 @@
 """Runs one scheduled step on the device: builds the flat batch, calls the model, samples.
 
 Owns the KV cache (sized from a memory budget) and, on CUDA, the captured graphs of decode steps:
-a decode step's kernels are replayed from a graph keyed by (padded batch size, block-table width).
+a decode step's kernels are replayed from the graph of the next larger captured batch size. All graphs
+share one full-width block table; each step copies in only the columns its sequences use.
 """
 
 from __future__ import annotations
@@ -53,11 +54,10 @@ class ModelRunner:
         self.backend: AttentionBackend = ATTENTION_BACKENDS[backend](self.kv_caches)
         self.sampler = Sampler(self.device, cfg.seed)
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.graph_pool = None
-        self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= max(cfg.max_num_seqs, 1)) if self.use_graphs else 0
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
         if self.use_graphs:
-            self._alloc_static()
+            self._capture_all()
 
     # ----- memory -----
     def _num_blocks(self) -> int:
@@ -172,74 +172,60 @@ class ModelRunner:
         return tokens, logprobs
 
     # ----- CUDA graphs -----
-    def _alloc_static(self) -> None:
+    def _capture_all(self) -> None:
+        """Capture every batch size up front, largest first, so all graphs share one memory pool."""
         b, dev = self.max_graph_bs, self.device
         self.s_ids = torch.zeros(b, dtype=torch.long, device=dev)
         self.s_pos = torch.zeros(b, dtype=torch.long, device=dev)
-        self.s_slots = torch.zeros(b, dtype=torch.long, device=dev)
+        self.s_slots = torch.zeros(b, dtype=torch.long, device=dev)  # slot 0 lies in the reserved block
         self.s_seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
         self.s_qsl = torch.arange(b + 1, dtype=torch.int32, device=dev)
-        self.s_tables: dict[int, torch.Tensor] = {}
-        self.h_buf = torch.zeros((4, b), dtype=torch.long).pin_memory()
-
-    def _width_bucket(self, max_seq_len: int) -> int:
-        """Block-table width of the graph: next power of two ≥ 16 blocks, at most the context window."""
-        need = -(-max_seq_len // self.block_size)
-        w = 16
-        while w < need:
-            w *= 2
-        return min(w, self.max_blocks_per_seq)
+        self.s_tables = torch.zeros((b, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self.h_buf = torch.zeros(4 * b, dtype=torch.long).pin_memory()
+        pool = None
+        for bs in sorted((x for x in GRAPH_BATCH_SIZES if x <= b), reverse=True):
+            meta = AttentionMetadata(
+                slot_mapping=self.s_slots[:bs], query_start_loc=self.s_qsl[: bs + 1], seq_lens=self.s_seq_lens[:bs],
+                block_tables=self.s_tables[:bs], query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
+                max_query_len=1, max_seq_len=self.max_model_len,
+            )
+            self.backend.meta = meta
+            with torch.inference_mode():
+                for _ in range(2):  # compile kernels and settle allocations outside the capture
+                    self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize()
 
     def _run_graph(self, sched: SchedulerOutput) -> torch.Tensor:
         n = len(sched.chunks)
         bs = next(b for b in GRAPH_BATCH_SIZES if b >= n)
         blk = self.block_size
-        h = self.h_buf
-        h[:, :bs].zero_()
-        max_len = 0
-        for i, c in enumerate(sched.chunks):
-            seq, p = c.seq, c.start
-            h[0, i] = seq.token_at(p)
-            h[1, i] = p
-            h[2, i] = seq.block_table[p // blk] * blk + p % blk
-            h[3, i] = p + 1
-            max_len = max(max_len, p + 1)
-        width = self._width_bucket(max_len)
-        tables = self.s_tables.get(width)
-        if tables is None:
-            tables = torch.zeros((self.max_graph_bs, width), dtype=torch.int32, device=self.device)
-            self.s_tables[width] = tables
-        host_tables = np.zeros((bs, width), dtype=np.int32)
+        pad = [0] * (bs - n)
+        rows = [
+            [c.seq.token_at(c.start) for c in sched.chunks] + pad,
+            [c.start for c in sched.chunks] + pad,
+            [c.seq.block_table[c.start // blk] * blk + c.start % blk for c in sched.chunks] + pad,
+            [c.start + 1 for c in sched.chunks] + pad,  # seq_len 0 on padded rows: the kernel skips them
+        ]
+        h = self.h_buf[: 4 * bs].view(4, bs)  # contiguous pinned staging: one async host-to-device copy
+        h.copy_(torch.tensor(rows, dtype=torch.long))
+        width = max(len(c.seq.block_table) for c in sched.chunks)
+        host_tables = np.zeros((n, width), dtype=np.int32)
         for i, c in enumerate(sched.chunks):
             t = c.seq.block_table
             host_tables[i, : len(t)] = t
-        tables[:bs].copy_(torch.from_numpy(host_tables), non_blocking=True)
-        dev_h = h[:, :bs].to(self.device, non_blocking=True)
+        # Columns past a row's length hold stale ids; the kernel never reads past seq_len.
+        self.s_tables[:n, :width].copy_(torch.from_numpy(host_tables))
+        dev_h = h.to(self.device, non_blocking=True)
         self.s_ids[:bs].copy_(dev_h[0])
         self.s_pos[:bs].copy_(dev_h[1])
         self.s_slots[:bs].copy_(dev_h[2])
         self.s_seq_lens[:bs].copy_(dev_h[3])
-        key = (bs, width)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(bs, width)
-        graph, logits = self.graphs[key]
+        graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]
-
-    def _capture(self, bs: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        meta = AttentionMetadata(
-            slot_mapping=self.s_slots[:bs], query_start_loc=self.s_qsl[: bs + 1], seq_lens=self.s_seq_lens[:bs],
-            block_tables=self.s_tables[width][:bs], query_start_loc_cpu=list(range(bs + 1)),
-            seq_lens_cpu=[1] * bs, max_query_len=1, max_seq_len=width * self.block_size,
-        )
-        self.backend.meta = meta
-        for _ in range(2):  # warm up: compile kernels outside the capture
-            self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            logits = self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
-        if self.graph_pool is None:
-            self.graph_pool = graph.pool()
-        torch.cuda.synchronize()
-        return graph, logits

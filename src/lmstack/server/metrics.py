@@ -49,7 +49,7 @@ class ServerMetrics:
                                          registry=r)
         self.finished = Counter("lmstack_requests_finished", "Engine requests that finished, by finish reason",
                                 ["finish_reason"], registry=r)
-        self.aborted = Counter("lmstack_requests_aborted", "Engine requests aborted (client gone or error)",
+        self.aborted = Counter("lmstack_requests_aborted", "Engine requests aborted because the client went away",
                                registry=r)
         r.register(_EngineCollector(engine))
 

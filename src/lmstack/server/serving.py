@@ -11,7 +11,7 @@ import asyncio
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -47,7 +47,7 @@ from lmstack.server.protocol import (
 )
 
 T = TypeVar("T")
-Events = AsyncIterator[tuple[int, RequestOutput]]
+Events = AsyncGenerator[tuple[int, RequestOutput], None]
 
 
 class ClientDisconnected(Exception):
@@ -57,7 +57,7 @@ class ClientDisconnected(Exception):
 class SSEResponse(StreamingResponse):
     """A StreamingResponse that always closes its generator, so an early disconnect aborts the requests."""
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
+    def __init__(self, content: AsyncGenerator[bytes, None]) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._gen = content
@@ -66,7 +66,7 @@ class SSEResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._gen.aclose()  # type: ignore[attr-defined]
+            await self._gen.aclose()
 
 
 @dataclass
@@ -197,7 +197,7 @@ class OpenAIServing:
                 logprobs: int | None) -> tuple[Events, int]:
         """Check lengths, build each choice's SamplingParams and start its engine request (lazily)."""
         limit = self.engine.max_model_len
-        gens: list[AsyncIterator[RequestOutput]] = []
+        gens: list[AsyncGenerator[RequestOutput, None]] = []
         for p_index, p in enumerate(prompts):
             n_prompt = len(p.token_ids)
             want = max_tokens if max_tokens is not None else max(1, limit - n_prompt)
@@ -219,12 +219,12 @@ class OpenAIServing:
                 gens.append(self.engine.generate(p.token_ids, params, prompt=p.text))
         return self._merge(gens), len(gens)
 
-    async def _merge(self, gens: list[AsyncIterator[RequestOutput]]) -> Events:
+    async def _merge(self, gens: list[AsyncGenerator[RequestOutput, None]]) -> Events:
         """Outputs of all choices as (index, output), in arrival order; closing it aborts the unfinished ones."""
         finished: set[int] = set()
         queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
 
-        async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
+        async def pump(i: int, gen: AsyncGenerator[RequestOutput, None]) -> None:
             try:
                 async for out in gen:
                     queue.put_nowait((i, out))
@@ -254,14 +254,15 @@ class OpenAIServing:
                     finished.add(i)
                     self.metrics.observe_finished(item)
                 yield i, item
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away
+            self.metrics.aborted.inc(len(gens) - len(finished))
+            raise
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for g in gens:
-                await g.aclose()  # type: ignore[attr-defined]
-            if len(finished) < len(gens):
-                self.metrics.aborted.inc(len(gens) - len(finished))
+                await g.aclose()
 
     async def _collect(self, request: Request, events: Events, num_choices: int) -> list[RequestOutput]:
         async def last_outputs() -> list[RequestOutput]:
@@ -271,7 +272,7 @@ class OpenAIServing:
                     if out.finished:
                         finals[i] = out
             finally:
-                await events.aclose()  # type: ignore[attr-defined]
+                await events.aclose()
             if len(finals) < num_choices:
                 raise EngineClosedError("the request was aborted before it finished")
             return [finals[i] for i in range(num_choices)]
@@ -282,31 +283,31 @@ class OpenAIServing:
         except ClientDisconnected:
             raise ApiError(499, "client closed the request") from None
 
-    async def _stream(self, request: Request, chunks: AsyncIterator[bytes]) -> Response:
+    async def _stream(self, request: Request, chunks: AsyncGenerator[bytes, None]) -> Response:
         """Wait for the first chunk (so that refusals are real HTTP errors), then stream the rest as SSE."""
         try:
             with engine_errors():
                 first = await until_disconnected(request, chunks.__anext__())
         except ClientDisconnected:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
             raise ApiError(499, "client closed the request") from None
         except BaseException:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
             raise
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body() -> AsyncGenerator[bytes, None]:
             try:
                 yield first
                 async for chunk in chunks:
                     yield chunk
             finally:
-                await chunks.aclose()  # type: ignore[attr-defined]
+                await chunks.aclose()
 
         return SSEResponse(body())
 
     async def _sse_events(self, events: Events, num_choices: int, stops: list[str],
                           render: Callable[[int, _ChoiceState, str, list[TokenLogprob] | None, str | None], str],
-                          usage: Callable[[list[RequestOutput]], str] | None) -> AsyncIterator[bytes]:
+                          usage: Callable[[list[RequestOutput]], str] | None) -> AsyncGenerator[bytes, None]:
         """SSE chunks of new text per choice, then the usage chunk if asked, then [DONE].
 
         An error before the first chunk propagates (it becomes an HTTP error); after it, it is sent as an
@@ -338,11 +339,11 @@ class OpenAIServing:
                 raise
             yield _sse(to_api_error(e).body().model_dump_json())
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
         yield _sse("[DONE]")
 
     def _chat_chunks(self, req: ChatCompletionRequest, rid: str, events: Events, prompts: list[_Prompt],
-                     num_choices: int) -> AsyncIterator[bytes]:
+                     num_choices: int) -> AsyncGenerator[bytes, None]:
         created = int(time.time())
 
         def render(i: int, st: _ChoiceState, text: str, lps: list[TokenLogprob] | None, finish: str | None) -> str:
@@ -359,7 +360,7 @@ class OpenAIServing:
         return self._sse_events(events, num_choices, req.stop_list, render, usage if req.include_usage else None)
 
     def _completion_chunks(self, req: CompletionRequest, rid: str, events: Events, prompts: list[_Prompt],
-                           num_choices: int) -> AsyncIterator[bytes]:
+                           num_choices: int) -> AsyncGenerator[bytes, None]:
         created = int(time.time())
 
         def render(i: int, st: _ChoiceState, text: str, lps: list[TokenLogprob] | None, finish: str | None) -> str:

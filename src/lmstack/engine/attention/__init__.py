@@ -88,7 +88,7 @@ def _no_cache_attention(
 
 
 class TorchAttention(AttentionBackend):
-    """Vectorized torch: batched padded gather for decode, SDPA per sequence for prefill. CPU and GPU."""
+    """Vectorized torch: decode batched by length groups, SDPA per sequence for prefill. CPU and GPU."""
 
     name = "torch"
 
@@ -96,7 +96,7 @@ class TorchAttention(AttentionBackend):
               v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         m = self.meta
         if m.is_decode:
-            return _decode_padded(q, k_cache, v_cache, m.block_tables, m.seq_lens, m.max_seq_len, scale)
+            return _decode_grouped(q, k_cache, v_cache, m.block_tables, m.seq_lens_cpu, scale)
         out = torch.empty_like(q)
         qsl = m.query_start_loc_cpu
         for i, seq_len in enumerate(m.seq_lens_cpu):
@@ -110,21 +110,47 @@ class TorchAttention(AttentionBackend):
         return out
 
 
-def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                   seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
-    """One query per sequence: gather every sequence's blocks padded to the longest, mask the padding."""
+def _length_groups(seq_lens: list[int], waste: float = 1.3) -> list[list[int]]:
+    """Batch rows grouped by similar length, so padding each group to its longest wastes little."""
+    order = sorted(range(len(seq_lens)), key=seq_lens.__getitem__)
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        n = seq_lens[i]
+        if groups and n * (len(groups[-1]) + 1) <= waste * (total + n):
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
+
+
+def _decode_grouped(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: list[int], scale: float) -> torch.Tensor:
+    """One query per sequence. Each length group gathers its context once, straight into [Hkv, b, S, Dh]
+    (head-major, so the matmuls need no further copies), and masks its padding."""
     B, H, Dh = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
-    nb = -(-max_seq_len // bs)
-    tables = block_tables[:, :nb].long()
-    k = k_cache[tables].reshape(B, nb * bs, Hkv, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
-    v = v_cache[tables].reshape(B, nb * bs, Hkv, Dh).transpose(1, 2)
-    qg = q.view(B, Hkv, H // Hkv, Dh).float()  # [B, Hkv, G, Dh]
-    scores = (qg @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, S]
-    pad = torch.arange(nb * bs, device=q.device)[None, :] >= seq_lens[:, None]  # [B, S]
-    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-    out = scores.softmax(-1) @ v.float()  # [B, Hkv, G, Dh]
-    return out.reshape(B, H, Dh).to(q.dtype)
+    k_heads = k_cache.view(-1, Hkv, Dh).permute(1, 0, 2)  # [Hkv, slots, Dh] (a view)
+    v_heads = v_cache.view(-1, Hkv, Dh).permute(1, 0, 2)
+    out = torch.empty_like(q)
+    offsets = torch.arange(bs, device=q.device)
+    for rows in _length_groups(seq_lens):
+        idx = torch.tensor(rows, device=q.device)
+        S = max(seq_lens[i] for i in rows)
+        nb = -(-S // bs)
+        slots = (block_tables[idx, :nb].long()[:, :, None] * bs + offsets).reshape(len(rows), nb * bs)[:, :S]
+        k = k_heads[:, slots]  # [Hkv, b, S, Dh]
+        v = v_heads[:, slots]
+        qg = q[idx].view(len(rows), Hkv, H // Hkv, Dh).transpose(0, 1)  # [Hkv, b, G, Dh]
+        scores = (qg @ k.transpose(-1, -2)).float() * scale  # [Hkv, b, G, S]
+        lens = torch.tensor([seq_lens[i] for i in rows], device=q.device)
+        pad = torch.arange(S, device=q.device)[None, :] >= lens[:, None]  # [b, S]
+        scores.masked_fill_(pad[None, :, None, :], float("-inf"))
+        o = scores.softmax(-1).to(v.dtype) @ v  # [Hkv, b, G, Dh]
+        out[idx] = o.transpose(0, 1).reshape(len(rows), H, Dh)
+    return out
 
 
 class TritonAttention(AttentionBackend):
