@@ -9,8 +9,9 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_triton_attention.py 2>&1 \
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_triton_attention.py tests/test_fused.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -15
 python3 -m lmstack.bench.throughput --model dummy:llama-3-8b --tokenizer .carry/llama-3-8b \
-  --num-prompts "${NUM_PROMPTS:-1000}" --hf-num-prompts "${HF_PROMPTS:-64}" --output "$OUT/engine_gpu.json" \
+  --num-prompts "${NUM_PROMPTS:-1000}" --hf-num-prompts "${HF_PROMPTS:-64}" --max-num-seqs "${MAX_NUM_SEQS:-512}" \
+  --output "$OUT/engine_gpu.json" \
   2>&1 | grep -v "it/s]" | tail -40

@@ -16,12 +16,12 @@ import httpx
 import numpy as np
 import pytest
 
+from lmstack.bench.load_test import kv_blocks_in_use
 from lmstack.bench.serve import (
     RequestRecord,
     add_arguments,
     arrival_offsets,
     compute_metrics,
-    kv_blocks_in_use,
     load_tokenizer,
     parse_slo,
     run,

@@ -1,12 +1,9 @@
 """Online serving benchmark against an OpenAI-compatible URL, with `vllm bench serve`'s metric definitions.
 
 ShareGPT prompts arrive as a Poisson process (exponential gaps at `--request-rate`; `--burst` sends them all
-at t=0) and stream from `/v1/completions` (or chat). Per request we record TTFT (send → first content chunk),
-every inter-token latency (ITL, gap between content chunks), E2E latency and the output tokens the server
-reports in its final usage chunk. Aggregates follow vLLM: TPOT per request = (E2E − TTFT) / (tokens − 1);
-ITL pools every gap of every request; throughputs divide by the wall time of the whole run; goodput counts
-requests per second that meet every SLO given. `--load-test` instead checks robustness: many concurrent
-streaming clients, some hanging up early, malformed bodies mixed in, and no KV blocks left in use after.
+at t=0) and stream from `/v1/completions` (or chat); `lmstack.bench.serving_metrics` turns the per-request
+timings into vLLM's aggregates. `--load-test` runs `lmstack.bench.load_test` instead. The streaming client
+here is shared by both, and by `lmstack.bench.overhead`.
 """
 
 from __future__ import annotations
@@ -15,50 +12,23 @@ import argparse
 import asyncio
 import json
 import math
-import random
-import re
 import shlex
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
 from lmstack.bench.results import write_results
-from lmstack.client.openai_client import api_root, error_message, is_retryable
+from lmstack.bench.serving_metrics import RequestRecord, compute_metrics, parse_slo
+from lmstack.client.openai_client import api_root, error_message
 from lmstack.data.sharegpt import BenchRequest, sample_requests
 from lmstack.errors import LmstackError
 
 DEFAULT_OUTPUT = "benchmarks/results/serve_bench.json"
 DEFAULT_LOAD_OUTPUT = "benchmarks/results/serve_load.json"
-SLO_METRICS = ("ttft", "tpot", "e2e")
-KV_BLOCKS_METRIC = "lmstack_kv_blocks_used"  # lmstack.server.metrics: KV-cache blocks held by requests
-_PERCENTILES = (("median", 50), ("p90", 90), ("p99", 99))
-
-
-@dataclass
-class RequestRecord:
-    """What one streamed request measured; times in seconds."""
-
-    success: bool
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    ttft: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    e2e: float = 0.0
-    finish_reason: str | None = None
-    error: str = ""
-
-    @property
-    def tpot(self) -> float | None:
-        """Mean time per output token after the first; None with a single token (there is no decode)."""
-        if self.output_tokens <= 1:
-            return None
-        return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--max-tokens", type=int, default=32, help="tokens per load-test request (upper bound)")
 
 
-# ---------------------------------------------------------------- arrivals and metrics (pure functions)
+# ---------------------------------------------------------------- arrivals
 
 def arrival_offsets(n: int, rate: float, seed: int = 0) -> list[float]:
     """Send times (s after start) of a Poisson process: the first at 0, then exponential gaps of mean 1/rate.
@@ -112,25 +82,6 @@ def arrival_offsets(n: int, rate: float, seed: int = 0) -> list[float]:
     return [0.0, *np.cumsum(gaps).tolist()]
 
 
-def parse_slo(text: str | None) -> dict[str, float]:
-    """`ttft=500,tpot=50` → {"ttft": 500.0, "tpot": 50.0} (milliseconds)."""
-    if not text:
-        return {}
-    slo: dict[str, float] = {}
-    for part in text.split(","):
-        name, sep, value = part.strip().partition("=")
-        name = name.strip().lower().removesuffix("_ms")
-        try:
-            ms = float(value)
-        except ValueError:
-            ms = -1.0
-        if not sep or name not in SLO_METRICS or not ms > 0:
-            raise LmstackError(f"bad --slo item {part!r}: write name=milliseconds with name one of "
-                               f"{', '.join(SLO_METRICS)}, e.g. --slo ttft=500,tpot=50")
-        slo[name] = ms
-    return slo
-
-
 def parse_rates(text: str) -> list[float]:
     try:
         rates = [float(r) for r in text.split(",") if r.strip()]
@@ -140,44 +91,6 @@ def parse_rates(text: str) -> list[float]:
         raise LmstackError(f"--sweep takes positive finite rates like 1,2,4,8 (got {text!r}); "
                            "run --burst separately")
     return rates
-
-
-def meets_slo(record: RequestRecord, slo: dict[str, float]) -> bool:
-    values = {"ttft": record.ttft, "tpot": record.tpot or 0.0, "e2e": record.e2e}
-    return all(values[name] * 1e3 <= limit for name, limit in slo.items())
-
-
-def _stats(name: str, seconds: list[float]) -> dict[str, float | None]:
-    """mean / median / p90 / p99 in ms (numpy's linear interpolation, as vLLM); None when nothing measured."""
-    if not seconds:
-        return {f"{k}_{name}_ms": None for k in ("mean", *(p for p, _ in _PERCENTILES))}
-    ms = np.asarray(seconds) * 1e3
-    out = {f"mean_{name}_ms": float(ms.mean())}
-    out.update({f"{label}_{name}_ms": float(np.percentile(ms, q)) for label, q in _PERCENTILES})
-    return out
-
-
-def compute_metrics(records: list[RequestRecord], duration: float,
-                    slo: dict[str, float] | None = None) -> dict[str, Any]:
-    """Aggregate per-request records of one run that took `duration` seconds of wall time."""
-    ok = [r for r in records if r.success]
-    duration = max(duration, 1e-9)
-    input_tokens = sum(r.prompt_tokens for r in ok)
-    output_tokens = sum(r.output_tokens for r in ok)
-    m: dict[str, Any] = {
-        "completed": len(ok), "failed": len(records) - len(ok), "duration_s": duration,
-        "total_input_tokens": input_tokens, "total_output_tokens": output_tokens,
-        "request_throughput": len(ok) / duration, "output_throughput": output_tokens / duration,
-        "total_token_throughput": (input_tokens + output_tokens) / duration,
-    }
-    m.update(_stats("ttft", [r.ttft for r in ok]))
-    m.update(_stats("tpot", [t for r in ok if (t := r.tpot) is not None]))
-    m.update(_stats("itl", [gap for r in ok for gap in r.itl]))
-    m.update(_stats("e2e", [r.e2e for r in ok]))
-    if slo:
-        m["slo_ms"] = dict(slo)
-        m["goodput"] = sum(meets_slo(r, slo) for r in ok) / duration
-    return m
 
 
 # ---------------------------------------------------------------- one streamed request
@@ -192,8 +105,9 @@ def _chunk_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
     return text or "", c.get("finish_reason")
 
 
-def _request_body(endpoint: str, model: str, prompt: str, max_tokens: int,
-                  ignore_eos: bool) -> dict[str, Any]:
+def request_body(endpoint: str, model: str, prompt: str | list[int], max_tokens: int,
+                 ignore_eos: bool) -> dict[str, Any]:
+    """A greedy streaming request that reports usage; a token-id prompt only fits the completions endpoint."""
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
                             "stream_options": {"include_usage": True}}
     if ignore_eos:
@@ -278,7 +192,7 @@ def load_tokenizer(name: str) -> Any:
     return Tokenizer.from_folder(resolve_model_path(name))
 
 
-def _http(base_url: str, api_key: str | None, timeout: float, connections: int | None) -> httpx.AsyncClient:
+def http_client(base_url: str, api_key: str | None, timeout: float, connections: int | None) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     return httpx.AsyncClient(base_url=api_root(base_url), headers=headers, limits=limits,
@@ -287,7 +201,7 @@ def _http(base_url: str, api_key: str | None, timeout: float, connections: int |
 
 async def served_model(base_url: str, api_key: str | None) -> str:
     """The first model the server lists: what to benchmark when --model is not given."""
-    async with _http(base_url, api_key, 30.0, 1) as http:
+    async with http_client(base_url, api_key, 30.0, 1) as http:
         try:
             response = await http.get("/models")
         except httpx.HTTPError as e:
@@ -301,9 +215,9 @@ async def served_model(base_url: str, api_key: str | None) -> str:
     return str(models[0]["id"])
 
 
-async def _check_server(http: httpx.AsyncClient, endpoint: str, model: str) -> None:
+async def check_server(http: httpx.AsyncClient, endpoint: str, model: str) -> None:
     """One tiny request first, so a wrong URL, model or key fails at once instead of N times."""
-    record = await stream_request(http, endpoint, _request_body(endpoint, model, "Hello", 2, True), 0)
+    record = await stream_request(http, endpoint, request_body(endpoint, model, "Hello", 2, True), 0)
     if not record.success:
         raise LmstackError(f"the test request to {http.base_url}{_path(endpoint).lstrip('/')} for model "
                            f"{model!r} failed: {record.error}; check --base-url, --model and --api-key")
@@ -314,15 +228,15 @@ async def _run_rate(args: argparse.Namespace, model: str, requests: list[BenchRe
     offsets = arrival_offsets(len(requests), rate, args.seed)
     gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     connections = args.max_concurrency or len(requests)
-    async with _http(args.base_url, args.api_key, args.timeout, connections) as http:
-        await _check_server(http, args.endpoint, model)
+    async with http_client(args.base_url, args.api_key, args.timeout, connections) as http:
+        await check_server(http, args.endpoint, model)
         label = "burst" if math.isinf(rate) else f"{rate:g} req/s"
         bar = tqdm(total=len(requests), desc=f"bench serve {label}", unit="req", dynamic_ncols=True)
         start = time.perf_counter()
 
         async def one(offset: float, req: BenchRequest) -> RequestRecord:
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            body = _request_body(args.endpoint, model, req.prompt, req.output_len, args.replay_lengths)
+            body = request_body(args.endpoint, model, req.prompt, req.output_len, args.replay_lengths)
             if gate is None:
                 record = await stream_request(http, args.endpoint, body, len(req.prompt_token_ids))
             else:
@@ -358,6 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark (or the load test) that `args` describe, write the results file, return metrics."""
     output = Path(args.output or (DEFAULT_LOAD_OUTPUT if args.load_test else DEFAULT_OUTPUT))
     if args.load_test:
+        from lmstack.bench.load_test import run_load_test  # it builds on this module's client
+
         metrics = asyncio.run(run_load_test(
             args.base_url, args.model, num_clients=args.num_clients, malformed=args.malformed,
             disconnect_fraction=args.disconnect_fraction, max_tokens=args.max_tokens, seed=args.seed,
@@ -437,138 +353,3 @@ def plot_sweep(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------- the load test
-
-_MALFORMED: tuple[str, ...] = (
-    "{not json",
-    "[]",
-    '{"model": MODEL}',
-    '{"model": MODEL, "prompt": "hi", "max_tokens": "ten"}',
-    '{"model": MODEL, "prompt": "hi", "max_tokens": -5}',
-    '{"model": MODEL, "prompt": "hi", "temperature": -1}',
-    '{"model": MODEL, "prompt": 42, "stream": true}',
-    '{"model": MODEL, "prompt": "hi", "top_p": 7, "stream": true}',
-)
-
-
-def kv_blocks_in_use(metrics_text: str, name: str = KV_BLOCKS_METRIC) -> float | None:
-    """The KV-blocks-in-use gauge from Prometheus text, summed over label sets; None when absent."""
-    pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})?\s+(\S+)", re.MULTILINE)
-    values = [float(v) for v in pattern.findall(metrics_text)]
-    return sum(values) if values else None
-
-
-async def _post_malformed(http: httpx.AsyncClient, body: str) -> int | None:
-    try:
-        response = await http.post("/completions", content=body.encode(),
-                                   headers={"Content-Type": "application/json"})
-    except httpx.HTTPError:
-        return None
-    return response.status_code
-
-
-async def _stream_with_retry(http: httpx.AsyncClient, body: dict[str, Any], stop_after: int | None,
-                             attempts: int = 20) -> RequestRecord:
-    """A polite client: when the server sheds load (429/503) it backs off and tries again."""
-    for attempt in range(attempts - 1):
-        record = await stream_request(http, "completions", body, 0, stop_after=stop_after)
-        status = record.finish_reason or ""
-        if not (status.startswith("http_") and is_retryable(int(status[5:]))):
-            return record
-        await asyncio.sleep(min(2.0, 0.05 * 2**attempt) * random.random())
-    return await stream_request(http, "completions", body, 0, stop_after=stop_after)
-
-
-async def _get_root(http: httpx.AsyncClient, root: str, path: str) -> httpx.Response | None:
-    """GET a path at the server root (outside /v1); None when the server does not answer at all."""
-    try:
-        return await http.get(f"{root}{path}")
-    except httpx.HTTPError:
-        return None
-
-
-async def _wait_kv_free(http: httpx.AsyncClient, root: str, settle_s: float) -> float | None:
-    """KV blocks in use, polled until zero or `settle_s` passes: aborts free their blocks a step later."""
-    deadline = time.perf_counter() + settle_s
-    while True:
-        response = await _get_root(http, root, "/metrics")
-        ok = response is not None and response.status_code == 200
-        used = kv_blocks_in_use(response.text) if ok else None
-        if used == 0 or time.perf_counter() > deadline:
-            return used
-        await asyncio.sleep(0.2)
-
-
-def _got_exactly(record: RequestRecord, want: int) -> bool:
-    """Ended on its own with exactly the tokens asked for: with ignore_eos that is the only right answer."""
-    return record.success and record.output_tokens == want and record.finish_reason == "length"
-
-
-async def run_load_test(base_url: str, model: str | None = None, *, num_clients: int = 200,
-                        disconnect_fraction: float = 0.25, malformed: int = 20, max_tokens: int = 32,
-                        seed: int = 0, api_key: str | None = None, timeout: float = 300.0,
-                        settle_s: float = 10.0) -> dict[str, Any]:
-    """Concurrent streaming clients, some hanging up early, malformed bodies mixed in; then count leaks.
-
-    Every client that stays connected asks for an exact number of tokens (`ignore_eos`) and must get them,
-    with finish_reason "length"; `requests_lost` counts those that did not. `kv_blocks_leaked` is the
-    server's KV-blocks-in-use gauge once everything has ended (None when the server exposes none).
-    """
-    if num_clients < 1 or not 0 <= disconnect_fraction <= 1 or malformed < 0 or max_tokens < 2:
-        raise LmstackError("load test needs num_clients >= 1, 0 <= disconnect_fraction <= 1, malformed >= 0 "
-                           "and max_tokens >= 2")
-    model = model or await served_model(base_url, api_key)
-    rng = random.Random(seed)
-    leaving = set(rng.sample(range(num_clients), round(num_clients * disconnect_fraction)))
-    async with _http(base_url, api_key, timeout, num_clients + malformed + 2) as http:
-        await _check_server(http, "completions", model)
-        jobs: list[tuple[str, Any, asyncio.Future[Any]]] = []
-        start = time.perf_counter()
-        for i in range(num_clients):
-            want = rng.randint(max(2, max_tokens // 2), max_tokens)
-            words = " ".join(rng.choice(("alpha", "beta", "gamma", "delta", "sea", "sky")) for _ in range(8))
-            body = _request_body("completions", model, f"Client {i}: {words}", want, ignore_eos=True)
-            stop_after = rng.randint(1, want // 2) if i in leaving else None
-            jobs.append(("leave" if i in leaving else "stay", want,
-                         asyncio.ensure_future(_stream_with_retry(http, body, stop_after))))
-        for j in range(malformed):
-            body = _MALFORMED[j % len(_MALFORMED)].replace("MODEL", json.dumps(model))
-            jobs.append(("malformed", body, asyncio.ensure_future(_post_malformed(http, body))))
-        rng.shuffle(jobs)
-        bar = tqdm(total=len(jobs), desc="load test", unit="req", dynamic_ncols=True)
-        for job in jobs:
-            job[2].add_done_callback(lambda _: bar.update(1))
-        try:
-            await asyncio.gather(*(job[2] for job in jobs))
-        finally:
-            bar.close()
-        duration = time.perf_counter() - start
-        root = "{0.scheme}://{0.netloc}".format(urlsplit(api_root(base_url)))
-        health = await _get_root(http, root, "/health")
-        leaked = await _wait_kv_free(http, root, settle_s)
-    ok = aborted = lost = rejected = unexpected = 0
-    problems: list[str] = []
-    for kind, want, future in jobs:
-        result = future.result()
-        if kind == "malformed":
-            good = result is not None and 400 <= result < 500 and result != 429
-            rejected += good
-            unexpected += not good
-            if not good:
-                problems.append(f"malformed body {want!r} answered {result}")
-        elif kind == "leave" and result.finish_reason == "client_disconnect":
-            aborted += 1
-        elif kind == "stay" and _got_exactly(result, want):
-            ok += 1
-        else:
-            lost += 1
-            problems.append(f"wanted {want} tokens, got {result.output_tokens} "
-                            f"(finish {result.finish_reason}) {result.error}".strip())
-    return {"model": model, "num_clients": num_clients, "disconnect_fraction": disconnect_fraction,
-            "requests_ok": ok, "requests_aborted": aborted, "requests_lost": lost,
-            "kv_blocks_leaked": None if leaked is None else int(leaked), "malformed_sent": malformed,
-            "malformed_rejected": rejected, "malformed_unexpected": unexpected, "duration_s": duration,
-            "server_up": health is not None and health.status_code == 200,
-            "problems": problems[:10]}

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from lmstack.bench.results import write_results
+from lmstack.bench.step_split import measure_step_split
 from lmstack.data.sharegpt import BenchRequest, sample_requests
 from lmstack.errors import LmstackError
 from lmstack.models import resolve_device
@@ -193,6 +194,12 @@ def _engine_phase(args: argparse.Namespace, hardware: _Hardware | None, metrics:
         # Counters are cumulative since start-up: subtract the warm-up's share.
         metrics["step_time_split"] = {k: v - (before or {}).get(k, 0) for k, v in after.items()}
 
+    batch = min(llm.engine.config.max_num_seqs, len(requests))
+    context = int(statistics.mean(len(r.prompt_token_ids) + r.output_len // 2 for r in requests))
+    metrics["step_split_largest_batch"] = measure_step_split(llm.engine, batch, context,
+                                                             steps=20 if hardware is not None else 4)
+    notes.append("step_split_largest_batch: decode steps at batch = max running sequences and the workload's mean "
+                 "context, forward timed with a device sync; attention from one eager pass with device events")
     if hardware is not None:
         _gpu_metrics(llm, params, requests, hardware, metrics, notes)
 

@@ -54,6 +54,7 @@ class ModelRunner:
         self.backend: AttentionBackend = ATTENTION_BACKENDS[backend](self.kv_caches)
         self.sampler = Sampler(self.device, cfg.seed)
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs
+        self.sync_timing = False  # profiling: wait for the device after the forward, so timings split truly
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
         if self.use_graphs:
@@ -161,6 +162,8 @@ class ModelRunner:
             self.backend.meta = meta
             hidden = self.model(input_ids, positions, self.backend)
             logits = self.model.compute_logits(hidden[rows]) if rows else None
+        if self.sync_timing and self.device.type == "cuda":
+            torch.cuda.synchronize()
         t1 = time.perf_counter()
         if not sampling:
             return [], []

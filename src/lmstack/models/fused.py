@@ -4,7 +4,9 @@ A decode step at batch 1 is bound by kernel launches, not by bytes: unfused, RMS
 rotary ~10 per tensor. Each op here is one Triton launch on CUDA (no host syncs, so CUDA-graph capture is safe)
 and falls back to the torch reference elsewhere. The `*_ref` functions define the numerics (Hugging Face's);
 the `*_triton` functions compute the same thing and take optional output buffers (tests poison them; rotary
-may write in place).
+may write in place). Rounding: add_rms_norm and rotary round wherever torch rounds (the residual sum and the
+normalised row to the input dtype; in rotary cos/sin and every product and sum), so rotary in bf16/fp16 equals
+the reference bit for bit; silu_and_mul stays in fp32 and rounds once, where torch also rounds silu(gate).
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the torch references serve
-    triton = None
+triton = None
+# Import triton only where its kernels can run. On a CPU-only host an eager import would decorate triton's own
+# library (tl.sum, tl.cdiv...) for compilation before a test sets TRITON_INTERPRET, breaking the interpreter.
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # no triton installed: the torch references serve
+        triton = None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -207,7 +213,7 @@ def rotary_triton(
     Hkv = k.shape[1]
     half = Dh // 2
     q, k = _unit_stride(q), _unit_stride(k)
-    cos, sin = cos.contiguous(), sin.contiguous()
+    positions, cos, sin = positions.contiguous(), cos.contiguous(), sin.contiguous()
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
     if T:

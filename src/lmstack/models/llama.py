@@ -3,7 +3,8 @@
 The model takes a *flat* batch: the new tokens of every sequence packed one after another (no padding),
 their positions, and the attention metadata that says which sequence each token belongs to. Shapes in
 comments: T = tokens in the batch, D = hidden size, H / Hkv = query / key-value heads, Dh = head dim.
-q/k/v and gate/up projections are fused into one matrix each: fewer, larger matmuls.
+q/k/v and gate/up projections are fused into one matrix each: fewer, larger matmuls. The residual add +
+RMSNorm, rotary and SiLU-and-mul are single Triton kernels on CUDA (`models/fused.py`, torch elsewhere).
 """
 
 from __future__ import annotations
@@ -12,24 +13,24 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import ModelLoadError
+from lmstack.models import fused
 from lmstack.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
+    """Hugging Face's RMSNorm (normalise in fp32, scale in the input dtype), fused with the residual add."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (norm(x + residual), x + residual): the new residual stream comes back with the normed input."""
+        return fused.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -69,12 +70,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, Dh] rotated in Hugging Face's half-split layout."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, Dh/2]
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, Dh], k [T, Hkv, Dh] rotated in Hugging Face's half-split layout."""
+        return fused.rotary(q, k, positions, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -90,9 +88,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, ctx: Any) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(T, self.n_heads, self.head_dim), positions)  # [T, H, Dh]
-        k = rotary(k.view(T, self.n_kv, self.head_dim), positions)  # [T, Hkv, Dh]
-        v = v.view(T, self.n_kv, self.head_dim)
+        q, k = rotary(q.view(T, self.n_heads, self.head_dim), k.view(T, self.n_kv, self.head_dim), positions)
+        v = v.view(T, self.n_kv, self.head_dim)  # q [T, H, Dh], k/v [T, Hkv, Dh]
         out = ctx.attention(self.layer_idx, q, k, v, self.scale)  # [T, H, Dh]
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -105,8 +102,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] → [T, I] → [T, D]
 
 
 class DecoderLayer(nn.Module):
@@ -117,9 +113,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, ctx: Any) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, rotary: Rotary,
+                ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """x is the previous block's output, not yet added to the residual stream (the norm adds it)."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, positions, rotary, ctx), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -142,9 +141,10 @@ class LlamaModel(nn.Module):
         `ctx.attention(layer, q, k, v, scale)` does the attention (and stores k/v in the KV cache if any).
         """
         x = self.embed_tokens(input_ids)  # [T, D]
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, ctx)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] → logits [N, V] in float32 (only rows that are sampled get here)."""

@@ -6,7 +6,9 @@ K/V in the cache and attends with the metadata of the current step (set by the m
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,6 +42,7 @@ class AttentionBackend:
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         self.kv_caches = kv_caches
         self.meta: AttentionMetadata | None = None
+        self.timed: list[tuple[Any, Any]] | None = None  # when a list: (start, end) marks of each attention call
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [T, Hkv, Dh] into their slots; index_copy_ keeps it a single graph-capturable op."""
@@ -53,12 +56,35 @@ class AttentionBackend:
             return _no_cache_attention(q, k, v, self.meta.query_start_loc_cpu, scale)
         self.write_kv(layer, k, v)
         k_cache, v_cache = self.kv_caches[layer]
-        return self.paged(q, k, v, k_cache, v_cache, scale)
+        if self.timed is None:
+            return self.paged(q, k, v, k_cache, v_cache, scale)
+        start = _mark(q.device)
+        out = self.paged(q, k, v, k_cache, v_cache, scale)
+        self.timed.append((start, _mark(q.device)))
+        return out
+
+    def timed_seconds(self) -> float:
+        """Total time of the attention calls marked since `timed` was set (synchronizes the device)."""
+        if not self.timed:
+            return 0.0
+        if isinstance(self.timed[0][0], float):
+            return sum(e - s for s, e in self.timed)
+        torch.cuda.synchronize()
+        return sum(s.elapsed_time(e) for s, e in self.timed) / 1e3
 
     def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         m = self.meta
         return paged_attention_ref(q, k_cache, v_cache, m.block_tables, m.query_start_loc_cpu, m.seq_lens_cpu, scale)
+
+
+def _mark(device: torch.device) -> Any:
+    """A point in time on the device's stream: a CUDA event, or the host clock on CPU (which is synchronous)."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
