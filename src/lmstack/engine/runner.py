@@ -1,8 +1,9 @@
 """Runs one scheduled step on the device: builds the flat batch, calls the model, samples.
 
 Owns the KV cache (sized from a memory budget) and, on CUDA, the captured graphs of decode steps:
-a decode step's kernels are replayed from the graph of the next larger captured batch size. All graphs
-share one full-width block table; each step copies in only the columns its sequences use.
+a decode step's kernels are replayed from the graph of the next larger captured batch size and context
+bound (a short bound lets the attention kernel split short contexts finely). All graphs share one full-width
+block table; each step copies in only the columns its sequences use.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmstack.errors import LmstackError
 from lmstack.models.config import ModelConfig
 from lmstack.models.llama import LlamaModel
 
+GRAPH_SHORT_CONTEXT = 2048
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 
 
@@ -55,7 +57,8 @@ class ModelRunner:
         self.sampler = Sampler(self.device, cfg.seed)
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs
         self.sync_timing = False  # profiling: wait for the device after the forward, so timings split truly
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_contexts = sorted({min(GRAPH_SHORT_CONTEXT, max_model_len), max_model_len})
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
         if self.use_graphs:
             self._capture_all()
@@ -186,11 +189,12 @@ class ModelRunner:
         self.s_tables = torch.zeros((b, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.h_buf = torch.zeros(4 * b, dtype=torch.long).pin_memory()
         pool = None
-        for bs in sorted((x for x in GRAPH_BATCH_SIZES if x <= b), reverse=True):
+        sizes = sorted((x for x in GRAPH_BATCH_SIZES if x <= b), reverse=True)
+        for bs, context in ((bs, c) for bs in sizes for c in reversed(self.graph_contexts)):
             meta = AttentionMetadata(
                 slot_mapping=self.s_slots[:bs], query_start_loc=self.s_qsl[: bs + 1], seq_lens=self.s_seq_lens[:bs],
                 block_tables=self.s_tables[:bs], query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
-                max_query_len=1, max_seq_len=self.max_model_len,
+                max_query_len=1, max_seq_len=context,
             )
             self.backend.meta = meta
             with torch.inference_mode():
@@ -201,7 +205,7 @@ class ModelRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
             pool = graph.pool()
-            self.graphs[bs] = (graph, logits)
+            self.graphs[bs, context] = (graph, logits)
         torch.cuda.synchronize()
 
     def _run_graph(self, sched: SchedulerOutput) -> torch.Tensor:
@@ -229,6 +233,7 @@ class ModelRunner:
         self.s_pos[:bs].copy_(dev_h[1])
         self.s_slots[:bs].copy_(dev_h[2])
         self.s_seq_lens[:bs].copy_(dev_h[3])
-        graph, logits = self.graphs[bs]
+        longest = max(rows[3])
+        graph, logits = self.graphs[bs, next(c for c in self.graph_contexts if c >= longest)]
         graph.replay()
         return logits[:n]

@@ -5,8 +5,9 @@ rotary ~10 per tensor. Each op here is one Triton launch on CUDA (no host syncs,
 and falls back to the torch reference elsewhere. The `*_ref` functions define the numerics (Hugging Face's);
 the `*_triton` functions compute the same thing and take optional output buffers (tests poison them; rotary
 may write in place). Rounding: add_rms_norm and rotary round wherever torch rounds (the residual sum and the
-normalised row to the input dtype; in rotary cos/sin and every product and sum), so rotary in bf16/fp16 equals
-the reference bit for bit; silu_and_mul stays in fp32 and rounds once, where torch also rounds silu(gate).
+normalised row to the input dtype; in rotary cos/sin and every product and sum), so in the interpreter rotary
+in bf16/fp16 equals the reference bit for bit; compiled for a GPU, contracted multiply-adds may move a value by
+one unit in the last place. silu_and_mul stays in fp32 and rounds once, where torch also rounds silu(gate).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from lmstack.errors import LmstackError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="embedded name, HF folder, .gguf file or dummy:<preset>")
+    parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder or model")
     parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     for key in ("max_num_seqs", "max_model_len", "num_kv_blocks"):
         if getattr(args, key) is not None:
             engine_config[key] = getattr(args, key)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, **engine_config)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, **engine_config)
     engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
     name = args.served_model_name or args.model
     app = create_app(engine, llm.tokenizer, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,

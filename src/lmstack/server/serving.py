@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -87,6 +89,30 @@ class _ChoiceState:
 
 def _sse(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
+
+
+_MARK = "\x00lmstack-text\x00"
+_MARK_JSON = json.dumps(_MARK)  # how pydantic writes it too: \u0000 escapes
+
+
+class _TextChunks:
+    """A stream's common chunk, where only the text differs, as JSON without building models each time.
+
+    A stream sends one such chunk per token per choice, so its cost is the server's per-token overhead. The
+    chunk is rendered once per choice by pydantic with a marker as its text and split there; each chunk is
+    then one `json.dumps` of the new text (escaped as pydantic escapes it) between the two halves.
+    """
+
+    def __init__(self, build: Callable[[int, str], BaseModel]) -> None:
+        self._build = build
+        self._halves: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        halves = self._halves.get(index)
+        if halves is None:
+            head, _, tail = self._build(index, _MARK).model_dump_json().partition(_MARK_JSON)
+            halves = self._halves[index] = (head, tail)
+        return halves[0] + json.dumps(text, ensure_ascii=False) + halves[1]
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -345,8 +371,13 @@ class OpenAIServing:
     def _chat_chunks(self, req: ChatCompletionRequest, rid: str, events: Events, prompts: list[_Prompt],
                      num_choices: int) -> AsyncGenerator[bytes, None]:
         created = int(time.time())
+        plain = _TextChunks(lambda i, text: ChatCompletionChunk(
+            id=rid, created=created, model=self.model_name,
+            choices=[ChatChunkChoice(index=i, delta=ChatDelta(content=text))]))
 
         def render(i: int, st: _ChoiceState, text: str, lps: list[TokenLogprob] | None, finish: str | None) -> str:
+            if st.started and finish is None and not req.logprobs:
+                return plain(i, text)
             delta = ChatDelta(role=None if st.started else "assistant", content=text)
             choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish,
                                      logprobs=self._chat_logprobs(lps) if req.logprobs else None)
@@ -362,8 +393,12 @@ class OpenAIServing:
     def _completion_chunks(self, req: CompletionRequest, rid: str, events: Events, prompts: list[_Prompt],
                            num_choices: int) -> AsyncGenerator[bytes, None]:
         created = int(time.time())
+        plain = _TextChunks(lambda i, text: CompletionResponse(id=rid, created=created, model=self.model_name,
+                                                               choices=[CompletionChoice(index=i, text=text)]))
 
         def render(i: int, st: _ChoiceState, text: str, lps: list[TokenLogprob] | None, finish: str | None) -> str:
+            if finish is None and req.logprobs is None:
+                return plain(i, text)
             logprobs = None
             if req.logprobs is not None:
                 logprobs = self._completion_logprobs(lps or [], st.token_offset)
