@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +60,42 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": template, "eos_token": "<|im_end|>", "bos_token": None}))
     return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(args: list[str], log_dir: Path) -> Iterator[str]:
+    """`lmstack serve ARGS` in a subprocess on a free loopback port; yields its base URL once healthy."""
+    import httpx
+
+    port = free_port()
+    with (log_dir / "server.log").open("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", *args, "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    pytest.fail("server did not become healthy within 120 s")
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

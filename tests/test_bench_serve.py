@@ -4,18 +4,14 @@ runs (benchmark, sweep, load test) against a real `lmstack serve` of the tiny ra
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 
+from conftest import live_server
 from lmstack.bench.load_test import kv_blocks_in_use
 from lmstack.bench.serve import (
     RequestRecord,
@@ -100,48 +96,11 @@ def test_kv_blocks_gauge_is_read_from_prometheus_text() -> None:
 
 # ---------------------------------------------------------------- live runs
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A real `lmstack serve` of the tiny random model; yields (base URL, served model name)."""
-    try:
-        written = importlib.util.find_spec("lmstack.server.cli") is not None
-    except ModuleNotFoundError:
-        written = False
-    if not written:
-        pytest.skip("lmstack.server does not exist yet")
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", "--model", MODEL, "--host",
-                             "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become healthy within 120 s")
-            time.sleep(0.3)
+    with live_server(["--model", MODEL], tmp_path_factory.mktemp("server")) as url:
         yield url, httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _args(*argv: str) -> argparse.Namespace:

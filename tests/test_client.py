@@ -7,10 +7,6 @@ treats overload and faults, which a healthy server does not produce on demand.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from conftest import free_port, live_server
 from lmstack import LLM
 from lmstack.client import Completion, GenParams, LLMClient, LocalClient, OpenAIClient
 from lmstack.errors import LmstackError
@@ -38,50 +35,12 @@ PROMPTS = ["The sea", "Once upon a time there was", "def add(a, b):\n    return 
 GREEDY = GenParams(max_tokens=6, temperature=0.0, extra={"ignore_eos": True})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A real `lmstack serve` of the tiny random model; yields (base URL, served model name)."""
-    try:
-        written = importlib.util.find_spec("lmstack.server.cli") is not None
-    except ModuleNotFoundError:
-        written = False
-    if not written:
-        pytest.skip("lmstack.server does not exist yet")
-    port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", "--model", MODEL, "--host",
-                             "127.0.0.1", "--port", str(port), "--api-key", API_KEY],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become healthy within 120 s")
-            time.sleep(0.3)
+    with live_server(["--model", MODEL, "--api-key", API_KEY], tmp_path_factory.mktemp("server")) as url:
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
         yield url, models["data"][0]["id"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

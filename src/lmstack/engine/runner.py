@@ -43,9 +43,11 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // cfg.block_size)
         self.num_blocks = self._num_blocks()
         shape = (self.num_blocks, cfg.block_size, self.model_cfg.num_key_value_heads, self.model_cfg.head_dim)
+        # Zeroed, not empty: batched paths gather padding slots and weight them by exactly 0, which is only
+        # harmless while every slot holds a finite value (0 × NaN from never-written memory is NaN).
         self.kv_caches = [
-            (torch.empty(shape, dtype=self.dtype, device=self.device),
-             torch.empty(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(self.model_cfg.num_hidden_layers)
         ]
         backend = cfg.attention_backend
