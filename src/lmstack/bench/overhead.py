@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
-from lmstack.bench.results import write_results
+from lmstack.bench.results import cli_command, write_results
 from lmstack.bench.serve import http_client, request_body, stream_request
 from lmstack.engine.config import EngineConfig
 from lmstack.errors import LmstackError
@@ -206,14 +206,9 @@ def _event_loop_runner() -> asyncio.Runner:
 
 
 def _command(args: argparse.Namespace, output: Path) -> str:
-    """The command that reproduces this run, every option spelled out (sys.argv may be pytest's)."""
-    parts = ["lmstack", "bench", "overhead"]
-    for name in ("model", "tokenizer", "num_requests", "prompt_len", "max_tokens", "repeats", "dtype", "device",
-                 "max_num_seqs", "timeout"):
-        value = getattr(args, name)
-        if value is not None:
-            parts += [f"--{name.replace('_', '-')}", str(value)]
-    return shlex.join([*parts, "--output", str(output)])
+    options = ("model", "tokenizer", "num_requests", "prompt_len", "max_tokens", "repeats", "dtype", "device",
+               "max_num_seqs", "timeout")
+    return f"{cli_command('bench overhead', args, options)} --output {shlex.quote(str(output))}"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -91,6 +92,17 @@ def _jsonable(obj: Any) -> Any:
         except (TypeError, ValueError, RuntimeError):
             pass
     return str(obj)
+
+
+def cli_command(subcommand: str, args: Any, options: tuple[str, ...], flags: tuple[str, ...] = ()) -> str:
+    """The `lmstack` command that reproduces a run, every option spelled out (sys.argv may be pytest's)."""
+    parts = ["lmstack", *subcommand.split()]
+    for name in options:
+        value = getattr(args, name)
+        if value is not None:
+            parts += [f"--{name.replace('_', '-')}", str(value)]
+    parts += [f"--{name.replace('_', '-')}" for name in flags if getattr(args, name)]
+    return shlex.join(parts)
 
 
 def write_results(

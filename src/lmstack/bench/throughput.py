@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from lmstack.bench.results import write_results
+from lmstack.bench.results import cli_command, write_results
 from lmstack.bench.step_split import measure_step_split
 from lmstack.data.sharegpt import BenchRequest, sample_requests
 from lmstack.errors import LmstackError
@@ -66,15 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _command(args: argparse.Namespace, output: Path) -> str:
-    """The CLI command that reproduces this run, every option spelled out (sys.argv may be pytest's)."""
-    parts = ["lmstack", "bench", "throughput"]
-    for name in ("model", "tokenizer", "num_prompts", "hf_num_prompts", "hf_batch_size", "dtype", "device", "seed",
-                 "max_num_seqs", "max_num_batched_tokens"):
-        value = getattr(args, name)
-        if value is not None:
-            parts += [f"--{name.replace('_', '-')}", str(value)]
-    parts += [flag for flag, on in (("--no-hf", args.no_hf), ("--enforce-eager", args.enforce_eager)) if on]
-    return shlex.join([*parts, "--output", str(output)])
+    options = ("model", "tokenizer", "num_prompts", "hf_num_prompts", "hf_batch_size", "dtype", "device", "seed",
+               "max_num_seqs", "max_num_batched_tokens")
+    command = cli_command("bench throughput", args, options, flags=("no_hf", "enforce_eager"))
+    return f"{command} --output {shlex.quote(str(output))}"
 
 
 def _timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
