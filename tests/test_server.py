@@ -290,7 +290,7 @@ def test_engine_failure_fails_the_request_not_the_server(live: Live) -> None:
     inner = live.engine.engine
     step = inner.step
 
-    def broken() -> list:
+    def broken(on_launch: object = None) -> list:
         inner.step = step
         raise RuntimeError("injected fault")
 
@@ -309,9 +309,9 @@ def test_disconnect_aborts_and_frees_kv_blocks(live: Live, monkeypatch: pytest.M
     inner = live.engine.engine
     step = inner.step
 
-    def slow_step() -> list:  # ~20 ms a token, so that the requests are surely still running when clients leave
+    def slow_step(on_launch: object = None) -> list:  # ~20 ms a token: requests surely still run when clients leave
         time.sleep(0.02)
-        return step()
+        return step(on_launch)
 
     monkeypatch.setattr(inner, "step", slow_step)
     before = live.metrics()
@@ -426,7 +426,7 @@ def test_async_engine_abort_shutdown_and_errors() -> None:
             await _drain(engine.generate([1] * 3000, params))
         step = llm.engine.step
 
-        def broken() -> list:
+        def broken(on_launch: object = None) -> list:
             llm.engine.step = step
             raise ValueError("boom")
 

@@ -16,9 +16,9 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 from tqdm.auto import tqdm
 
+from lmstack.bench.http import HTTP_ERRORS, BenchClient
 from lmstack.bench.serve import check_server, http_client, request_body, served_model, stream_request
 from lmstack.bench.serving_metrics import RequestRecord
 from lmstack.client.openai_client import api_root, is_retryable
@@ -45,16 +45,14 @@ def kv_blocks_in_use(metrics_text: str, name: str = KV_BLOCKS_METRIC) -> float |
     return sum(values) if values else None
 
 
-async def _post_malformed(http: httpx.AsyncClient, body: str) -> int | None:
+async def _post_malformed(http: BenchClient, body: str) -> int | None:
     try:
-        response = await http.post("/completions", content=body.encode(),
-                                   headers={"Content-Type": "application/json"})
-    except httpx.HTTPError:
+        return await http.post_raw("/completions", body.encode())
+    except HTTP_ERRORS:
         return None
-    return response.status_code
 
 
-async def _stream_with_retry(http: httpx.AsyncClient, body: dict[str, Any], stop_after: int | None,
+async def _stream_with_retry(http: BenchClient, body: dict[str, Any], stop_after: int | None,
                              attempts: int = 20) -> RequestRecord:
     """A polite client: when the server sheds load (429/503) it backs off and tries again."""
     for attempt in range(attempts - 1):
@@ -66,21 +64,21 @@ async def _stream_with_retry(http: httpx.AsyncClient, body: dict[str, Any], stop
     return await stream_request(http, "completions", body, 0, stop_after=stop_after)
 
 
-async def _get_root(http: httpx.AsyncClient, root: str, path: str) -> httpx.Response | None:
-    """GET a path at the server root (outside /v1); None when the server does not answer at all."""
+async def _get_root(http: BenchClient, root: str, path: str) -> tuple[int, str] | None:
+    """(status, text) of a GET at the server root (outside /v1); None when the server does not answer at all."""
     try:
-        return await http.get(f"{root}{path}")
-    except httpx.HTTPError:
+        return await http.get_text(f"{root}{path}")
+    except HTTP_ERRORS:
         return None
 
 
-async def _wait_kv_free(http: httpx.AsyncClient, root: str, settle_s: float) -> float | None:
+async def _wait_kv_free(http: BenchClient, root: str, settle_s: float) -> float | None:
     """KV blocks in use, polled until zero or `settle_s` passes: aborts free their blocks a step later."""
     deadline = time.perf_counter() + settle_s
     while True:
         response = await _get_root(http, root, "/metrics")
-        ok = response is not None and response.status_code == 200
-        used = kv_blocks_in_use(response.text) if ok else None
+        ok = response is not None and response[0] == 200
+        used = kv_blocks_in_use(response[1]) if ok else None
         if used == 0 or time.perf_counter() > deadline:
             return used
         await asyncio.sleep(0.2)
@@ -160,5 +158,5 @@ async def run_load_test(base_url: str, model: str | None = None, *, num_clients:
             "leavers_finished_first": leavers_finished,
             "kv_blocks_leaked": None if leaked is None else int(leaked), "malformed_sent": malformed,
             "malformed_rejected": rejected, "malformed_unexpected": unexpected, "duration_s": duration,
-            "server_up": health is not None and health.status_code == 200,
+            "server_up": health is not None and health[0] == 200,
             "problems": problems[:10]}

@@ -3,7 +3,7 @@
 The server should cost little on top of the engine it wraps; this measures how little. Both paths get the
 same engine settings, the same prompts (as token ids, so tokenization is not part of either) and the same
 greedy `ignore_eos` requests, all sent at once and streamed to the end. In process, coroutines consume every
-output delta as the server would; over HTTP, an httpx client streams `/v1/completions` and counts the tokens
+output delta as the server would; over HTTP, an aiohttp client streams `/v1/completions` and counts the tokens
 the usage chunk reports. Repetitions alternate the two paths (in ABBA order) so that drift in the machine's
 speed hits both alike, and medians are compared. Both engines stay loaded, but only one generates at a
 time: an idle `AsyncEngine` thread and an idle server sleep rather than poll.
@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
+from lmstack.bench.http import BenchClient
 from lmstack.bench.results import cli_command, write_results
 from lmstack.bench.serve import http_client, request_body, stream_request
 from lmstack.engine.config import EngineConfig
@@ -32,6 +33,9 @@ from lmstack.errors import LmstackError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SERVER_START_S = 600.0  # model load, plus CUDA graph capture on a GPU
 _READY = re.compile(r"serving .+ on (http://\S+)")
+_STEP_METRIC = re.compile(r'^lmstack_engine_(steps|graph_steps|step_seconds)_total(?:\{phase="(\w+)"\})? (\S+)$', re.M)
+_PHASES = ("schedule", "forward", "sample", "postprocess")
+RunResult = tuple[int, float, dict[str, float]]  # output tokens, seconds, engine step counters spent on the run
 # Our own filler text: prompts are cut from it so that the model reads (and detokenizes) ordinary words.
 _TEXT = ("The harbour town woke slowly. Fishing boats came in with the tide, gulls argued over the nets, and "
          "the baker on the corner set out loaves that were still too hot to hold. Children ran to school along "
@@ -86,8 +90,24 @@ def make_prompts(tokenizer: Any, num: int, length: int) -> list[list[int]]:
 
 # ---------------------------------------------------------------- the two paths
 
-async def run_inprocess(engine: Any, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
-    """(output tokens, seconds) for all prompts at once through `AsyncEngine.generate`, every delta consumed."""
+def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Engine counters spent between two readings: steps, CUDA-graph steps, seconds per phase."""
+    keys = ("steps", "graph_steps", *(f"{p}_s" for p in _PHASES))
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in keys}
+
+
+async def scrape_step_stats(http: BenchClient) -> dict[str, float]:
+    """The server's engine step counters, read from its Prometheus `/metrics`."""
+    _, text = await http.get_text(http.root + "/metrics")
+    stats: dict[str, float] = {}
+    for name, phase, value in _STEP_METRIC.findall(text):
+        stats[f"{phase}_s" if phase else name] = float(value)
+    return stats
+
+
+async def run_inprocess(engine: Any, prompts: list[list[int]], max_tokens: int) -> RunResult:
+    """(output tokens, seconds, step counters) for all prompts at once through `AsyncEngine.generate`, every delta
+    consumed."""
     from lmstack.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -101,16 +121,18 @@ async def run_inprocess(engine: Any, prompts: list[list[int]], max_tokens: int) 
             tokens = len(out.outputs[0].token_ids)
         return tokens
 
+    before = engine.step_stats()
     start = time.perf_counter()
     counts = await asyncio.gather(*(one(p) for p in prompts))
     elapsed = time.perf_counter() - start
     _expect(counts, max_tokens, "in process")
-    return sum(counts), elapsed
+    return sum(counts), elapsed, _delta(before, engine.step_stats())
 
 
-async def run_http(http: Any, model: str, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
-    """(output tokens, seconds) for all prompts at once, streamed from `/v1/completions`."""
+async def run_http(http: BenchClient, model: str, prompts: list[list[int]], max_tokens: int) -> RunResult:
+    """(output tokens, seconds, step counters) for all prompts at once, streamed from `/v1/completions`."""
     bodies = [request_body("completions", model, ids, max_tokens, ignore_eos=True) for ids in prompts]
+    before = await scrape_step_stats(http)
     start = time.perf_counter()
     records = await asyncio.gather(*(stream_request(http, "completions", b, len(p))
                                      for b, p in zip(bodies, prompts, strict=True)))
@@ -120,7 +142,7 @@ async def run_http(http: Any, model: str, prompts: list[list[int]], max_tokens: 
         raise LmstackError(f"{len(failed)} of {len(records)} HTTP requests failed, e.g. {failed[0]}")
     counts = [r.output_tokens for r in records]
     _expect(counts, max_tokens, "over HTTP")
-    return sum(counts), elapsed
+    return sum(counts), elapsed, _delta(before, await scrape_step_stats(http))
 
 
 def _expect(counts: list[int], want: int, path: str) -> None:
@@ -175,25 +197,33 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 # ---------------------------------------------------------------- the benchmark
 
 async def _alternate(engine: Any, base_url: str, args: argparse.Namespace,
-                     prompts: list[list[int]]) -> dict[str, list[float]]:
-    """Warm both paths up, then time them in ABBA order; tok/s of every repetition of each path."""
+                     prompts: list[list[int]]) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
+    """Warm both paths up, then time them in ABBA order; tok/s and engine step counters of every repetition."""
     n = len(prompts)
     async with http_client(base_url, None, args.timeout, n) as http:
-        paths: dict[str, Callable[[int], Awaitable[tuple[int, float]]]] = {
+        paths: dict[str, Callable[[int], Awaitable[RunResult]]] = {
             "inprocess": lambda m: run_inprocess(engine, prompts, m),
             "http": lambda m: run_http(http, args.model, prompts, m),
         }
         for run_path in paths.values():  # first-call costs (kernel selection, connections) stay out of timing
             await run_path(min(args.max_tokens, 4))
         rates: dict[str, list[float]] = {name: [] for name in paths}
+        steps: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
         for rep in range(args.repeats):
             order = list(paths) if rep % 2 == 0 else list(reversed(paths))
             for name in order:
-                tokens, seconds = await paths[name](args.max_tokens)
+                tokens, seconds, stats = await paths[name](args.max_tokens)
                 rates[name].append(tokens / seconds)
-            print(f"  repeat {rep + 1}/{args.repeats}: in-process {rates['inprocess'][-1]:,.1f} tok/s, "
-                  f"HTTP {rates['http'][-1]:,.1f} tok/s", flush=True)
-    return rates
+                steps[name].append(stats)
+            print(f"  repeat {rep + 1}/{args.repeats}: in-process {rates['inprocess'][-1]:,.1f} tok/s "
+                  f"({_describe(steps['inprocess'][-1])}), HTTP {rates['http'][-1]:,.1f} tok/s "
+                  f"({_describe(steps['http'][-1])})", flush=True)
+    return rates, steps
+
+
+def _describe(stats: dict[str, float]) -> str:
+    phases = " + ".join(f"{p} {stats[f'{p}_s']:.2f}" for p in _PHASES)
+    return f"{stats['steps']:.0f} steps, {stats['graph_steps']:.0f} as graphs; s: {phases}"
 
 
 def _event_loop_runner() -> asyncio.Runner:
@@ -231,7 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base_url = wait_for_server(proc, log)
             print(f"server up at {base_url}; {args.repeats} repetitions of {args.num_requests} requests x "
                   f"{args.max_tokens} tokens", flush=True)
-            rates = runner.run(_alternate(engine, base_url, args, prompts))
+            rates, steps = runner.run(_alternate(engine, base_url, args, prompts))
         finally:
             stop_server(proc)
             runner.run(engine.shutdown(drain_timeout=0))
@@ -240,6 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "http_over_inprocess": http / inprocess, "inprocess_tok_s": inprocess, "http_tok_s": http,
         "inprocess_tok_s_runs": rates["inprocess"], "http_tok_s_runs": rates["http"],
+        "inprocess_engine_steps_runs": steps["inprocess"], "http_engine_steps_runs": steps["http"],
         "model": args.model, "device": str(device),
         "dtype": str(next(llm.model.parameters()).dtype).removeprefix("torch."),
         "num_requests": args.num_requests, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from lmstack.bench.http import HTTP_ERRORS, BenchClient, response_error
 from lmstack.bench.results import write_results
 from lmstack.bench.serving_metrics import RequestRecord, compute_metrics, parse_slo
-from lmstack.client.openai_client import api_root, error_message
+from lmstack.client.openai_client import api_root
 from lmstack.data.sharegpt import BenchRequest, sample_requests
 from lmstack.errors import LmstackError
 
@@ -123,23 +123,22 @@ def _path(endpoint: str) -> str:
     return "/chat/completions" if endpoint == "chat" else "/completions"
 
 
-async def stream_request(http: httpx.AsyncClient, endpoint: str, body: dict[str, Any], prompt_tokens: int,
+async def stream_request(http: BenchClient, endpoint: str, body: dict[str, Any], prompt_tokens: int,
                          stop_after: int | None = None) -> RequestRecord:
     """Send one streaming request and time it; `stop_after=k` hangs up after k content chunks."""
     record = RequestRecord(success=False, prompt_tokens=prompt_tokens)
     start = last = time.perf_counter()
     chunks = 0
     try:
-        async with http.stream("POST", _path(endpoint), json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                record.error = f"{response.status_code}: {error_message(response)}"
-                record.finish_reason = f"http_{response.status_code}"
+        async with http.post(_path(endpoint), body) as response:
+            if response.status != 200:
+                record.error = await response_error(response)
+                record.finish_reason = f"http_{response.status}"
                 return record
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+            async for raw in response.content:  # one line at a time
+                if not raw.startswith(b"data:"):
                     continue
-                data = line[5:].strip()
+                data = raw[5:].decode().strip()
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
@@ -164,7 +163,7 @@ async def stream_request(http: httpx.AsyncClient, endpoint: str, body: dict[str,
                 if stop_after is not None and chunks >= stop_after:
                     record.finish_reason = "client_disconnect"
                     return record
-    except (httpx.HTTPError, ValueError) as e:
+    except HTTP_ERRORS as e:
         record.error = f"{type(e).__name__}: {e}"
         return record
     record.e2e = time.perf_counter() - start
@@ -192,30 +191,26 @@ def load_tokenizer(name: str) -> Any:
     return Tokenizer.from_folder(resolve_model_path(name))
 
 
-def http_client(base_url: str, api_key: str | None, timeout: float, connections: int | None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(base_url=api_root(base_url), headers=headers, limits=limits,
-                             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+def http_client(base_url: str, api_key: str | None, timeout: float, connections: int | None) -> BenchClient:
+    return BenchClient(base_url, api_key, timeout, connections)
 
 
 async def served_model(base_url: str, api_key: str | None) -> str:
     """The first model the server lists: what to benchmark when --model is not given."""
     async with http_client(base_url, api_key, 30.0, 1) as http:
         try:
-            response = await http.get("/models")
-        except httpx.HTTPError as e:
+            status, body, message = await http.get_json("/models")
+        except HTTP_ERRORS as e:
             raise LmstackError(f"cannot reach {api_root(base_url)}/models ({e}); is the server up?") from None
-        if response.status_code != 200:
-            raise LmstackError(f"GET {api_root(base_url)}/models answered {response.status_code}: "
-                               f"{error_message(response)}")
-        models = response.json().get("data") or []
+        if status != 200:
+            raise LmstackError(f"GET {api_root(base_url)}/models answered {status}: {message}")
+        models = (body.get("data") if isinstance(body, dict) else None) or []
     if not models:
         raise LmstackError(f"{api_root(base_url)}/models lists no model; pass --model")
     return str(models[0]["id"])
 
 
-async def check_server(http: httpx.AsyncClient, endpoint: str, model: str) -> None:
+async def check_server(http: BenchClient, endpoint: str, model: str) -> None:
     """One tiny request first, so a wrong URL, model or key fails at once instead of N times."""
     record = await stream_request(http, endpoint, request_body(endpoint, model, "Hello", 2, True), 0)
     if not record.success:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import json
 import random
 import time
 from collections.abc import Coroutine
@@ -49,10 +50,15 @@ def api_root(base_url: str) -> str:
 
 def error_message(response: httpx.Response) -> str:
     """The server's own words: OpenAI error JSON, FastAPI's {"detail"}, else the start of the body."""
+    return error_text(response.text, response.reason_phrase)
+
+
+def error_text(text: str, reason: str) -> str:
+    """`error_message` from a body's text and the status line's reason phrase."""
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        return response.text[:500] or response.reason_phrase
+        return text[:500] or reason
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict) and err.get("message"):

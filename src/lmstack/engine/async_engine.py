@@ -2,7 +2,10 @@
 
 The engine is not thread-safe, so only the engine thread touches it. Coroutines hand it commands (add,
 abort) through a lock-protected queue that the thread applies between steps; the thread hands outputs back
-with one `call_soon_threadsafe` per event loop per step. Each request has a one-slot mailbox rather than a
+with one `call_soon_threadsafe` per event loop per step. A step's outputs are handed over once the next
+step's forward is queued on the device, so the event loops' work on them (a server writing one chunk per
+stream) overlaps the device rather than competing with the engine thread for the GIL while it prepares the
+next step; when no step follows, they are handed over at once. Each request has a one-slot mailbox rather than a
 queue: outputs are cumulative, so a slow consumer only ever needs the latest, and memory stays bounded. When
 there is no work the thread sleeps on a condition variable, so an idle server costs no CPU.
 """
@@ -121,6 +124,10 @@ class AsyncEngine:
         s = self._stats
         return EngineStats(s.running, s.waiting + self._pending_adds, s.kv_blocks_used, s.kv_blocks_total)
 
+    def step_stats(self) -> dict[str, float]:
+        """Cumulative step counts and seconds per phase (schedule, forward, sample, postprocess)."""
+        return dict(self.engine.stats)
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                        prompt: str | None = None, priority: int = 0) -> AsyncGenerator[RequestOutput, None]:
         """Cumulative outputs of one request, the last one `finished`.
@@ -206,6 +213,7 @@ class AsyncEngine:
             self._idle.set()
 
     def _loop(self) -> None:
+        held: list[tuple[_Stream, _Item]] = []  # the last step's outputs, handed over during the next forward
         while True:
             with self._cond:
                 while not self._commands and not self.engine.has_unfinished and not self._stopping:
@@ -218,12 +226,16 @@ class AsyncEngine:
                 stop = self._stopping
             self._send(outbox)
             if stop:
+                self._send(held)
                 break
             if self.engine.has_unfinished:
-                outbox = self._step()
+                outbox = self._step(held)
                 with self._cond:
                     self._publish_stats()
-                self._send(outbox)
+                held = outbox
+            if not self.engine.has_unfinished:
+                self._send(held)
+                held = []
         for rid in self._streams:
             self.engine.abort_request(rid)
         self._send([(s, EngineClosedError("the server shut down before this request finished"))
@@ -253,11 +265,19 @@ class AsyncEngine:
                 self._streams[c.request_id] = c.stream
         return outbox
 
-    def _step(self) -> list[tuple[_Stream, _Item]]:
-        """One engine step; if it fails, every request in the engine fails with the error and is dropped."""
+    def _step(self, held: list[tuple[_Stream, _Item]]) -> list[tuple[_Stream, _Item]]:
+        """One engine step that hands `held` over once its forward is queued (or when it ends, if it queued
+        none). If the step fails, every request in the engine fails with the error and is dropped."""
+        pending = [held]
+
+        def hand_over() -> None:
+            if pending:
+                self._send(pending.pop())
+
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step(on_launch=hand_over)
         except Exception as e:
+            hand_over()
             log.exception("engine step failed; failing %d requests", len(self._streams))
             outbox: list[tuple[_Stream, _Item]] = []
             for rid, stream in list(self._streams.items()):
@@ -268,6 +288,7 @@ class AsyncEngine:
                     log.exception("could not abort %s after the failure", rid)
             self._streams.clear()
             return outbox
+        hand_over()
         outbox = []
         for out in outputs:
             stream = self._streams.pop(out.request_id) if out.finished else self._streams.get(out.request_id)

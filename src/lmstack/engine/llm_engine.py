@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seq_no = itertools.count()
         self.stats: dict[str, float] = {"steps": 0, "schedule_s": 0.0, "forward_s": 0.0, "sample_s": 0.0,
-                                        "postprocess_s": 0.0}
+                                        "postprocess_s": 0.0, "graph_steps": 0}
 
     # ----- requests -----
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -90,8 +91,11 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     # ----- the loop -----
-    def step(self) -> list[RequestOutput]:
-        """One scheduling step and one forward; returns the requests that got a token or finished."""
+    def step(self, on_launch: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """One scheduling step and one forward; returns the requests that got a token or finished.
+
+        `on_launch` is called once the forward is queued on the device (not at all when nothing was scheduled).
+        """
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -102,7 +106,7 @@ class LLMEngine:
         for c in sched.chunks:
             if c.seq.metrics.first_scheduled_time is None:
                 c.seq.metrics.first_scheduled_time = now
-        tokens, logprobs = self.runner.execute(sched, self.stats)
+        tokens, logprobs = self.runner.execute(sched, self.stats, on_launch)
         t2 = time.perf_counter()
         outputs: list[RequestOutput] = []
         sampled = iter(zip(tokens, logprobs, strict=True))

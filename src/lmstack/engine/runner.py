@@ -9,6 +9,7 @@ block table; each step copies in only the columns its sequences use.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,6 +42,15 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // cfg.block_size)
+        backend = cfg.attention_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend not in ATTENTION_BACKENDS:
+            raise LmstackError(f"unknown attention backend {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+        backend_cls = ATTENTION_BACKENDS[backend]
+        # Side caches of the backend (Double Sparsity's labels) share the KV memory budget.
+        self.extra_bytes_per_token = backend_cls.cache_bytes_per_token(self.model_cfg, self.dtype,
+                                                                       cfg.attention_options)
         self.num_blocks = self._num_blocks()
         shape = (self.num_blocks, cfg.block_size, self.model_cfg.num_key_value_heads, self.model_cfg.head_dim)
         # Zeroed, not empty: batched paths gather padding slots and weight them by exactly 0, which is only
@@ -50,12 +60,7 @@ class ModelRunner:
              torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(self.model_cfg.num_hidden_layers)
         ]
-        backend = cfg.attention_backend
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        if backend not in ATTENTION_BACKENDS:
-            raise LmstackError(f"unknown attention backend {backend!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
-        self.backend: AttentionBackend = ATTENTION_BACKENDS[backend](self.kv_caches)
+        self.backend: AttentionBackend = backend_cls.create(self.kv_caches, self.model_cfg, cfg.attention_options)
         self.sampler = Sampler(self.device, cfg.seed)
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs
         self.sync_timing = False  # profiling: wait for the device after the forward, so timings split truly
@@ -67,7 +72,8 @@ class ModelRunner:
 
     # ----- memory -----
     def _num_blocks(self) -> int:
-        per_block = kv_bytes_per_block(self.model_cfg, self.block_size, self.dtype)
+        per_block = (kv_bytes_per_block(self.model_cfg, self.block_size, self.dtype)
+                     + self.block_size * self.extra_bytes_per_token)
         if self.cfg.num_kv_blocks is not None:
             return self.cfg.num_kv_blocks
         if self.cfg.kv_cache_memory is not None:
@@ -154,19 +160,27 @@ class ModelRunner:
 
     # ----- execution -----
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, timings: dict[str, float] | None = None
-                ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Run the step; return the next token (and logprobs) of each chunk that samples, in order."""
+    def execute(self, sched: SchedulerOutput, timings: dict[str, float] | None = None,
+                on_launch: Callable[[], None] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Run the step; return the next token (and logprobs) of each chunk that samples, in order.
+
+        `on_launch` runs once the forward is queued on the device and before waiting for it: CPU work done there
+        (e.g. a server streaming the previous step's tokens) overlaps the device instead of delaying it.
+        """
         t0 = time.perf_counter()
         sampling = [c.seq for c in sched.chunks if c.samples]
         n = len(sched.chunks)
         if self.use_graphs and sched.is_decode and n <= self.max_graph_bs:
             logits = self._run_graph(sched)
+            if timings is not None:
+                timings["graph_steps"] = timings.get("graph_steps", 0) + 1
         else:
             input_ids, positions, meta, rows = self._prepare(sched)
             self.backend.meta = meta
             hidden = self.model(input_ids, positions, self.backend)
             logits = self.model.compute_logits(hidden[rows]) if rows else None
+        if on_launch is not None:
+            on_launch()
         if self.sync_timing and self.device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()

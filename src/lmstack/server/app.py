@@ -90,7 +90,8 @@ def _state(request: Request) -> ServerState:
     return request.app.state.lmstack
 
 
-def authorize(request: Request) -> None:
+async def authorize(request: Request) -> None:
+    """Async (as every dependency here): a sync one would cost each request a threadpool round trip."""
     key = _state(request).api_key
     if key is None:
         return
@@ -100,7 +101,7 @@ def authorize(request: Request) -> None:
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def accepting(request: Request) -> None:
+async def accepting(request: Request) -> None:
     state = _state(request)
     if state.draining or not state.engine.accepting:
         raise ApiError(503, "the server is shutting down and takes no new requests", type="server_error",

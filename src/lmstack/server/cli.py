@@ -28,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, help="requests running at once")
     parser.add_argument("--max-model-len", type=int, help="context window (default: the model's, capped)")
     parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: from the memory budget)")
-    parser.add_argument("--policy", default="fcfs", help="scheduling policy")
+    parser.add_argument("--policy", default="fcfs", help="scheduling policy: fcfs, priority, ltr, mlfq")
+    parser.add_argument("--ranker", help="ltr: trained LengthRanker folder (from `lmstack ltr train`)")
+    parser.add_argument("--ranker-device", help="ltr: device of the ranker (default: cuda if present, else cpu)")
+    parser.add_argument("--starvation-steps", type=int,
+                        help="ltr/mlfq: steps a request may wait before it is given priority (default 256)")
+    parser.add_argument("--quantum", type=int, help="ltr: steps of priority a starved request gets (default 64)")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (413 over it)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish after SIGTERM")
@@ -46,6 +51,13 @@ def _check(args: argparse.Namespace) -> None:
         raise LmstackError("--api-key must not be empty")
 
 
+def policy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy flags that were given; the policy rejects the ones it does not take (e.g. --ranker for fcfs)."""
+    names = {"ranker": "ranker", "ranker_device": "device", "starvation_steps": "starvation_steps",
+             "quantum": "quantum"}
+    return {option: getattr(args, flag) for flag, option in names.items() if getattr(args, flag) is not None}
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; on SIGTERM in-flight requests finish first, then exit 0."""
     _check(args)
@@ -55,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from lmstack.engine.llm import LLM
     from lmstack.server.app import create_app
 
-    engine_config: dict[str, Any] = {"policy": args.policy}
+    engine_config: dict[str, Any] = {"policy": args.policy, "policy_options": policy_options(args)}
     for key in ("max_num_seqs", "max_model_len", "num_kv_blocks"):
         if getattr(args, key) is not None:
             engine_config[key] = getattr(args, key)

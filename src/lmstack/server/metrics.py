@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lmstack.engine.async_engine import AsyncEngine
@@ -30,6 +30,14 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("lmstack_num_requests_waiting", "Requests queued for the batch", value=s.waiting)
         yield GaugeMetricFamily("lmstack_kv_blocks_used", "KV cache blocks in use", value=s.kv_blocks_used)
         yield GaugeMetricFamily("lmstack_kv_blocks_total", "KV cache blocks in the pool", value=s.kv_blocks_total)
+        steps = self.engine.step_stats()
+        yield CounterMetricFamily("lmstack_engine_steps", "Engine steps run", value=steps["steps"])
+        yield CounterMetricFamily("lmstack_engine_graph_steps", "Engine steps run as a captured CUDA graph",
+                                  value=steps["graph_steps"])
+        phases = CounterMetricFamily("lmstack_engine_step_seconds", "Engine time by step phase", labels=["phase"])
+        for phase in ("schedule", "forward", "sample", "postprocess"):
+            phases.add_metric([phase], steps[f"{phase}_s"])
+        yield phases
 
 
 class ServerMetrics:
