@@ -20,6 +20,7 @@ class EngineConfig:
     policy: str = "fcfs"
     policy_options: dict[str, Any] = field(default_factory=dict)
     attention_backend: str = "auto"  # "triton" on CUDA, "torch" elsewhere
+    attention_options: dict[str, Any] = field(default_factory=dict)  # backend settings, e.g. double_sparse's
     enforce_eager: bool = False  # no CUDA graphs
     stream_text: bool = True  # detokenize every step (servers); off: decode once at the end (offline batches)
     seed: int = 0
@@ -38,5 +39,7 @@ class EngineConfig:
             raise LmstackError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise LmstackError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+        if not isinstance(self.attention_options, dict):
+            raise LmstackError(f"attention_options must be a dict, got {type(self.attention_options).__name__}")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:
             raise LmstackError(f"gpu_memory_utilization must be in [0.05, 0.99], got {self.gpu_memory_utilization}")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lmstack.engine.attention.torch_ref import gather_kv, paged_attention_ref
+from lmstack.errors import LmstackError
 
 
 @dataclass
@@ -43,6 +44,19 @@ class AttentionBackend:
         self.kv_caches = kv_caches
         self.meta: AttentionMetadata | None = None
         self.timed: list[tuple[Any, Any]] | None = None  # when a list: (start, end) marks of each attention call
+
+    @classmethod
+    def create(cls, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None, model_cfg: Any,
+               options: dict[str, Any]) -> AttentionBackend:
+        """Build the engine's backend from its `attention_options`; backends with settings override this."""
+        if options:
+            raise LmstackError(f"the {cls.name!r} attention backend takes no options, got {', '.join(options)}")
+        return cls(kv_caches)
+
+    @classmethod
+    def cache_bytes_per_token(cls, model_cfg: Any, dtype: torch.dtype, options: dict[str, Any]) -> int:
+        """Device bytes the backend keeps per cached token beside K and V, over all layers (e.g. labels)."""
+        return 0
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [T, Hkv, Dh] into their slots; index_copy_ keeps it a single graph-capturable op."""
@@ -198,8 +212,11 @@ class TritonAttention(AttentionBackend):
         )
 
 
+from lmstack.engine.attention.double_sparse import DoubleSparseAttention  # noqa: E402 (it subclasses the above)
+
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
     "reference": AttentionBackend,
     "torch": TorchAttention,
     "triton": TritonAttention,
+    "double_sparse": DoubleSparseAttention,
 }

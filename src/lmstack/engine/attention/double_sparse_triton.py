@@ -1,0 +1,315 @@
+"""Double Sparsity decode in Triton: label scoring over the paged label cache, top-k, sparse attention.
+
+Same functions (and signatures) as `double_sparse_ref`, which they are tested against. Shapes: B sequences,
+Hq query heads, Hkv KV heads (group G = Hq // Hkv), D head dim, r label channels, S_max the longest context.
+
+- `ds_label_scores`: grid (B, Hkv, S tiles). One program reads a tile of one KV head's labels once and scores
+  it for all G query heads of the group with a tensor-core dot ([G, r] x [r, tile], G and r padded to 16).
+- `ds_topk`: `torch.topk(sorted=False)` (a radix select on the GPU), plus an exact shortcut for rows whose
+  context fits in the budget: every position is kept, in order, with the -1 tail. No host sync.
+- `ds_sparse_attention`: flash-decoding over the selected positions only. idx has one row per query head
+  (the contract) or one per KV head (`kv_group` selection: the group shares its tokens, so each gathered K/V
+  row serves G query heads, as in the dense kernel). Split-K over the selected list, then a merge kernel.
+
+Why a shared selection exists: with GQA, per-query-head selection gathers k tokens for each of the G heads
+of a group, while dense decode reads each KV row once for the whole group, so the bytes saved at 1/16 tokens
+are only 16 / G (4x for Llama-3-8B); a shared selection keeps the full 16x.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lmstack.engine.attention.triton_paged import (
+    _LOG2E,
+    _MAX_SPLITS,
+    _dot_precision,
+    _kv_tile,
+    _sm_count,
+    choose_num_splits,
+)
+
+_SCORE_TILE = 256  # tokens per label-scoring program: 256 x r labels in, G x 256 fp32 scores out
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _label_scores_kernel(
+    q_ptr, lab_ptr, scale_ptr, tables_ptr, seq_lens_ptr, out_ptr,
+    stride_qb, stride_qh,
+    stride_lb, stride_lt, stride_lh,
+    stride_sb, stride_st, stride_sh,
+    stride_bt, stride_ob, stride_oh,
+    s_max, r,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (sequence, KV head, token tile): scores of the group's query heads; -inf past the sequence's end."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    tile = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    g = tl.arange(0, BLOCK_G)
+    c = tl.arange(0, BLOCK_R)
+    tok = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + g
+    g_mask = g < GROUP
+    out = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh + tok[None, :]
+    out_mask = g_mask[:, None] & (tok < s_max)[None, :]
+    if tile * BLOCK_N >= seq_len:
+        tl.store(out, tl.full([BLOCK_G, BLOCK_N], float("-inf"), tl.float32), mask=out_mask)
+        return
+    valid = tok < seq_len
+    c_mask = c < r
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + c[None, :],
+                mask=g_mask[:, None] & c_mask[None, :], other=0.0)
+    block = tl.load(tables_ptr + b.to(tl.int64) * stride_bt + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    slot = tok % BLOCK_SIZE
+    lab = tl.load(lab_ptr + block[:, None] * stride_lb + slot[:, None] * stride_lt + kvh * stride_lh + c[None, :],
+                  mask=valid[:, None] & c_mask[None, :], other=0)
+    s = tl.dot(q, tl.trans(lab.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
+    if QUANT:
+        scale = tl.load(scale_ptr + block * stride_sb + slot * stride_st + kvh * stride_sh, mask=valid, other=0.0)
+        s = s * scale.to(tl.float32)[None, :]
+    s = tl.where(valid[None, :], s, float("-inf"))
+    tl.store(out, s, mask=out_mask)
+
+
+def ds_label_scores(
+    q_label: torch.Tensor,
+    label_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    label_scale: torch.Tensor | None = None,
+    *,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Approximate (unscaled) scores q_label · label of every cached token; see `double_sparse_ref`.
+
+    q_label [B, Hq, r] · label_cache [num_blocks, block_size, Hkv, r] (16-bit, or int8 with label_scale
+    [num_blocks, block_size, Hkv]) · block_tables [B, max_blocks] int32 · seq_lens [B] int32 → scores
+    [B, Hq, S_max] float32, -inf at positions >= seq_len. `max_seq_len` (the batch's longest context, known
+    on the host) avoids reading seq_lens back from the device.
+    """
+    batch, n_heads, r = q_label.shape
+    block_size, n_kv = label_cache.shape[1], label_cache.shape[2]
+    if label_cache.shape[3] != r or n_heads % n_kv:
+        raise ValueError(f"q_label {tuple(q_label.shape)} does not fit label_cache {tuple(label_cache.shape)}")
+    quant = label_cache.dtype == torch.int8
+    if quant != (label_scale is not None):
+        raise ValueError("int8 labels need label_scale, and 16-bit labels take none")
+    if block_tables.dtype != torch.int32 or block_size & (block_size - 1):
+        raise ValueError("block_tables must be int32 and block_size a power of two")
+    s_max = max_seq_len if max_seq_len is not None else (int(seq_lens.max().item()) if batch else 0)
+    out = torch.empty(batch, n_heads, s_max, device=q_label.device, dtype=torch.float32)
+    if batch == 0 or s_max == 0:
+        return out
+    if q_label.stride(-1) != 1:
+        q_label = q_label.contiguous()
+    if label_cache.stride(-1) != 1:
+        raise ValueError("the label cache's channel dimension must be contiguous")
+    scale = label_scale if quant else label_cache  # unused pointer when not quantized
+    group = n_heads // n_kv
+    grid = (batch, n_kv, triton.cdiv(s_max, _SCORE_TILE))
+    _label_scores_kernel[grid](
+        q_label, label_cache, scale, block_tables, seq_lens, out,
+        q_label.stride(0), q_label.stride(1),
+        label_cache.stride(0), label_cache.stride(1), label_cache.stride(2),
+        scale.stride(0), scale.stride(1), scale.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        s_max, r,
+        GROUP=group, BLOCK_G=_pow2_at_least_16(group), BLOCK_R=_pow2_at_least_16(r), BLOCK_SIZE=block_size,
+        BLOCK_N=_SCORE_TILE, QUANT=quant, DOT_PRECISION=_dot_precision(q_label),
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def ds_topk(scores: torch.Tensor, seq_lens: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the k best scores per row, in no particular order; see `double_sparse_ref.ds_topk`.
+
+    scores [B, H, S_max] · seq_lens [B] → idx [B, H, k] int32. A row whose seq_len <= k keeps every position
+    0..seq_len-1 in order and ends in -1; longer rows take torch's radix select over finite scores only, so
+    no position >= seq_len (score -inf) can win. Nothing is read back to the host.
+    """
+    batch, n_heads, s_max = scores.shape
+    if k < 1:
+        raise ValueError(f"top-k needs k >= 1, got {k}")
+    arange = torch.arange(k, device=scores.device, dtype=torch.int32)
+    lens = seq_lens.to(device=scores.device, dtype=torch.int32).view(batch, 1, 1)
+    whole = torch.where(arange < lens, arange, -1).expand(batch, n_heads, k)  # [B, H, k]: rows within budget
+    if s_max <= k:
+        return whole.contiguous()
+    top = scores.topk(k, dim=-1, sorted=False).indices.to(torch.int32)  # [B, H, k]
+    return torch.where(lens <= k, whole, top)
+
+
+@triton.jit
+def _sparse_split_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, idx_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    qk_scale,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ib, stride_ih,
+    stride_ob, stride_oh,
+    n_idx, per_split, num_splits,
+    NUM_HEADS: tl.constexpr, ROW_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (sequence, idx row, split): online softmax of the row's ROW_HEADS query heads over its slice of the
+    selected positions (ROW_HEADS is 1 for per-head selection, G for a selection shared by the KV group)."""
+    b = tl.program_id(0)
+    row = tl.program_id(1)
+    split = tl.program_id(2)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_idx)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    heads = row * ROW_HEADS + g
+    g_mask = g < ROW_HEADS
+    kvh = (row * ROW_HEADS) // GROUP
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    table = tables_ptr + b.to(tl.int64) * stride_bt
+    idx_row = idx_ptr + b.to(tl.int64) * stride_ib + row * stride_ih
+    k_head = k_ptr + kvh * stride_kh + d[None, :]
+    v_head = v_ptr + kvh * stride_vh + d[None, :]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + n
+        pos = tl.load(idx_row + j, mask=j < hi, other=-1)
+        valid = pos >= 0
+        pos = tl.where(valid, pos, 0)
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        k = tl.load(k_head + block[:, None] * stride_kb + slot[:, None] * stride_kt, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with nothing selected adds nothing
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + block[:, None] * stride_vb + slot[:, None] * stride_vt, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if not SPLIT:
+        out = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        part = (b * NUM_HEADS + heads) * num_splits + split
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(part_o_ptr + part[:, None].to(tl.int64) * HEAD_DIM + d[None, :], o, mask=g_mask[:, None])
+        tl.store(part_lse_ptr + part, lse, mask=g_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_splits,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """One (sequence, query head): splits weighted by their softmax mass; splits that selected nothing weigh 0."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    active = s < num_splits
+    part = (b * NUM_HEADS + h) * num_splits + s
+    lse = tl.load(part_lse_ptr + part, mask=active, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    o = tl.load(part_o_ptr + part[:, None].to(tl.int64) * HEAD_DIM + d[None, :], mask=active[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    merged = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, merged.to(out_ptr.dtype.element_ty))
+
+
+def ds_sparse_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    idx: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention of each query head over its selected tokens only; see `double_sparse_ref`.
+
+    q [B, Hq, D] · k_cache, v_cache [num_blocks, block_size, Hkv, D] · block_tables [B, max_blocks] int32 ·
+    idx [B, Hq, k] int32 token positions, -1 = unused (or [B, Hkv, k]: one list shared by each KV group) →
+    out [B, Hq, D] in q's dtype, zeros where nothing is selected. The caches may live in pinned host memory
+    (the kernel then reads only the selected rows over the bus).
+    """
+    batch, n_heads, head_dim = q.shape
+    block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+    rows, n_idx = idx.shape[1], idx.shape[2]
+    if k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim or n_heads % n_kv:
+        raise ValueError(f"caches {tuple(k_cache.shape)} do not fit q {tuple(q.shape)}")
+    if rows not in (n_heads, n_kv) or idx.shape[0] != batch:
+        raise ValueError(f"idx must be [{batch}, {n_heads} or {n_kv}, k], got {tuple(idx.shape)}")
+    if idx.dtype != torch.int32 or block_tables.dtype != torch.int32:
+        raise ValueError("idx and block_tables must be int32")
+    if head_dim & (head_dim - 1) or block_size & (block_size - 1):
+        raise ValueError("head_dim and block_size must be powers of two")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("the caches' head dimension must be contiguous")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if idx.stride(-1) != 1:
+        idx = idx.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    row_heads = n_heads // rows
+    block_n, stages = _kv_tile(head_dim, k_cache.element_size())
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, rows, n_idx, block_n, _sm_count(q.device))
+    num_splits = max(1, min(num_splits, _MAX_SPLITS))
+    per_split = triton.cdiv(triton.cdiv(max(n_idx, 1), num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max(n_idx, 1), per_split)
+    if num_splits > 1:
+        part_o = torch.empty(batch, n_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(batch, n_heads, num_splits, device=q.device, dtype=torch.float32)
+    else:
+        part_o = part_lse = out  # unused by the single-split variant
+    _sparse_split_kernel[(batch, rows, num_splits)](
+        q, k_cache, v_cache, block_tables, idx, out, part_o, part_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        idx.stride(0), idx.stride(1),
+        out.stride(0), out.stride(1),
+        n_idx, per_split, num_splits,
+        NUM_HEADS=n_heads, ROW_HEADS=row_heads, GROUP=n_heads // n_kv, BLOCK_G=_pow2_at_least_16(row_heads),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=num_splits > 1,
+        DOT_PRECISION=_dot_precision(q),
+        num_warps=4, num_stages=stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        _merge_kernel[(batch, n_heads)](
+            part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
+            NUM_HEADS=n_heads, HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=4 if head_dim * num_splits >= 2048 else 2,
+        )  # fmt: skip
+    return out
