@@ -2,7 +2,8 @@
 
 Running requests go first (their decode token, or the next chunk of a long prefill), in policy order;
 new requests are admitted with what is left of the budget. When the KV pool runs out, the least urgent
-running request is preempted: its blocks are freed and it is recomputed later from its tokens.
+running request is preempted: its blocks are freed and it is recomputed later from its tokens. Under a
+preemptive policy a full batch also gives way to better-ranked waiting requests (`_evict_outranked`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         self.running.sort(key=self.policy.key)
+        self.waiting.sort(key=self.policy.key)
+        evicted = self._evict_outranked(out) if self.policy.preemptive else 0
         scheduled: set[int] = set()
         i = 0
         while i < len(self.running) and budget > 0:
@@ -77,9 +80,28 @@ class Scheduler:
             scheduled.add(id(seq))
             budget -= n
             i += 1
-        if not out.preempted:
+        if len(out.preempted) == evicted:  # no memory pressure this step
             self._admit(out, budget)
+        if not out.chunks and self.waiting:
+            self.policy.on_idle()
         return out
+
+    def _evict_outranked(self, out: SchedulerOutput) -> int:
+        """Free batch slots for waiting requests that rank above running ones; returns how many were evicted.
+
+        The i-th best waiting request competes for a slot only once the batch (less those already freed) is full.
+        """
+        evicted, candidates = 0, len(self.waiting)
+        key = self.policy.key
+        while (evicted < candidates and self.running
+               and len(self.running) + evicted >= self.max_num_seqs
+               and self.policy.ready(self.waiting[evicted])
+               and key(self.waiting[evicted]) < key(self.running[-1])):
+            self._preempt(self.running[-1], out)
+            evicted += 1
+        if evicted:
+            self.waiting.sort(key=key)
+        return evicted
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int], out: SchedulerOutput) -> bool:
         """Preempt the least urgent unscheduled running requests until `seq` fits; False if `seq` went."""
@@ -103,10 +125,10 @@ class Scheduler:
         out.preempted.append(seq)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        self.waiting.sort(key=self.policy.key)
+        """Admit waiting requests in policy order (the list is sorted) while budget, slots and blocks last."""
         admitted = 0
         for seq in self.waiting:
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or not self.policy.ready(seq):
                 break
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, seq.num_computed + n)):

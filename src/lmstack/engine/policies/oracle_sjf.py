@@ -1,0 +1,21 @@
+"""Shortest-remaining-job-first with the true output lengths: the bound a length predictor can approach.
+
+Benchmark only. The true length reaches the policy through the request itself: benchmarks replay each
+request's recorded answer length as `max_tokens` with `ignore_eos=True`, so `max_tokens` minus the tokens
+generated so far is exactly the work left. (Without `ignore_eos` it is only an upper bound, and the policy is
+no oracle.) Preemptive: a new request shorter than the longest running one's remainder takes its slot.
+"""
+
+from __future__ import annotations
+
+from lmstack.engine.policies import Policy, register
+from lmstack.engine.sequence import Sequence
+
+
+@register
+class OracleSJF(Policy):
+    name = "oracle-sjf"
+    preemptive = True
+
+    def key(self, seq: Sequence) -> tuple:
+        return (seq.params.max_tokens - seq.num_output_tokens, seq.arrival_time, seq.seq_no)
