@@ -1,0 +1,1 @@
+"""Evaluation apps: each reaches models only through `lmstack.client.LLMClient`."""

@@ -1,0 +1,116 @@
+"""Prompts of the pipeline and the parsers of their answers: the seven quality criteria and the judge's verdict.
+
+The judge design follows Arena-Hard v0.1: the judge first writes its own answer (so it can spot mistakes
+instead of trusting whichever answer sounds surer), then compares both assistants' answers and ends with one
+verdict label on a five-level scale. Game 1 puts the baseline in position A, game 2 swaps the two.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+# The seven BenchBuilder criteria: key → what a prompt must do to meet it.
+CRITERIA: dict[str, str] = {
+    "specificity": "asks for a specific, well-defined output",
+    "domain_knowledge": "needs knowledge of a specific domain",
+    "complexity": "has several parts, variables or steps",
+    "problem_solving": "needs reasoning to work out a solution, not just recall",
+    "creativity": "calls for novel ideas or original content",
+    "technical_accuracy": "has an answer whose correctness can be checked",
+    "real_world": "relates to a practical, real-world use",
+}
+
+ANNOTATE_SYSTEM = (
+    "You rate a user prompt on seven criteria; each is true if the prompt meets it, else false.\n"
+    + "\n".join(f"- {k}: {v}" for k, v in CRITERIA.items())
+    + "\nReply with only a JSON object with these seven keys and true/false values, like:\n"
+    + json.dumps(dict.fromkeys(CRITERIA, False))
+)
+ANNOTATE_USER = "Prompt to rate:\n<prompt>\n{prompt}\n</prompt>\n\nYour JSON:"
+ANNOTATE_REASK = ("That was not one JSON object with exactly the seven keys and true/false values. Reply again "
+                  "with only the JSON object, for example: " + json.dumps({k: True for k in CRITERIA}))
+
+CLUSTER_NAME_SYSTEM = ("You name topic clusters of user prompts. Reply with a short topic name of 2 to 6 words "
+                       "and nothing else.")
+CLUSTER_NAME_USER = "Keywords: {keywords}\n\nExample prompts:\n{examples}\n\nTopic name:"
+
+JUDGE_SYSTEM = (
+    "You are an impartial judge of two AI assistants' answers to the same user prompt.\n\n"
+    "Work in this order. First write your own answer to the prompt, before reading the assistants' answers "
+    "closely. Then check both answers against yours: point out mistakes and inaccurate information and correct "
+    "them. Judge whether each answer is helpful (it does what the prompt asks; where the prompt is ambiguous, "
+    "asking for clarification beats guessing), relevant (every part relates to the prompt) and concise (clear, "
+    "not verbose). Where creativity matters, weigh it too. Name any important information an answer is missing.\n\n"
+    "Length alone is no merit. Do not let the order in which the answers appear sway you.\n\n"
+    "End with exactly one final verdict label, on its own line:\n"
+    "[[A>>B]] Assistant A is significantly better\n"
+    "[[A>B]] Assistant A is slightly better\n"
+    "[[A=B]] the two are about equal\n"
+    "[[B>A]] Assistant B is slightly better\n"
+    "[[B>>A]] Assistant B is significantly better\n\n"
+    'For example: "My final verdict is [[A>B]]."'
+)
+JUDGE_USER = ("<|User Prompt|>\n{question}\n\n<|The Start of Assistant A's Answer|>\n{answer_a}\n"
+              "<|The End of Assistant A's Answer|>\n\n<|The Start of Assistant B's Answer|>\n{answer_b}\n"
+              "<|The End of Assistant B's Answer|>")
+JUDGE_REASK = ("Your reply did not end with a verdict label. Finish your judgment now with exactly one final "
+               "verdict label: [[A>>B]], [[A>B]], [[A=B]], [[B>A]] or [[B>>A]].")
+
+# Canonical labels and the spellings judges produce for them.
+VERDICT_ALIASES: dict[str, str] = {
+    "A>>B": "A>>B", "B<<A": "A>>B",
+    "A>B": "A>B", "B<A": "A>B",
+    "A=B": "A=B", "B=A": "A=B", "A==B": "A=B",
+    "B>A": "B>A", "A<B": "B>A",
+    "B>>A": "B>>A", "A<<B": "B>>A",
+}
+_VERDICT_RE = re.compile(r"\[\[\s*([AB]\s*(?:>>|<<|==|>|<|=)\s*[AB])\s*\]\]")
+
+
+def parse_verdict(text: str) -> str | None:
+    """The canonical label, or None when there is none or the judge gave conflicting labels.
+
+    Conflicting labels (e.g. a quoted example followed by a different final verdict) are not guessed at:
+    the game is re-asked, then recorded as unparsable.
+    """
+    found = {VERDICT_ALIASES.get(re.sub(r"\s+", "", m)) for m in _VERDICT_RE.findall(text)}
+    found.discard(None)
+    return found.pop() if len(found) == 1 else None
+
+
+def flip_verdict(label: str) -> str:
+    """The same verdict seen with the positions swapped (A>>B ↔ B>>A)."""
+    return {"A>>B": "B>>A", "A>B": "B>A", "A=B": "A=B", "B>A": "A>B", "B>>A": "A>>B"}[label]
+
+
+def parse_annotation(text: str) -> dict[str, bool] | None:
+    """The seven criteria as booleans from the first JSON object in `text`, or None when it does not parse.
+
+    Small annotators wrap JSON in code fences or prose, so the first `{...}` span is decoded; every criterion
+    key must be present with a boolean (or "true"/"false", "yes"/"no") value, and no other key.
+    """
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(text, start)
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        return _criteria_from(obj)
+    return None
+
+
+def _criteria_from(obj: Any) -> dict[str, bool] | None:
+    if not isinstance(obj, dict) or set(obj) != set(CRITERIA):
+        return None
+    out: dict[str, bool] = {}
+    for key, value in obj.items():
+        if isinstance(value, bool):
+            out[key] = value
+        elif isinstance(value, str) and value.strip().lower() in ("true", "yes", "false", "no"):
+            out[key] = value.strip().lower() in ("true", "yes")
+        else:
+            return None
+    return out
