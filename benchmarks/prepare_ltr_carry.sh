@@ -1,22 +1,42 @@
 #!/usr/bin/env bash
-# Builds .carry/ltr/ (git-ignored, <= 60 MiB) for benchmarks/gpu_ltr_train.sh: the ShareGPT length data (labels =
-# the first answer's length in SmolLM2 tokens, seeded split with 2,500 held-out prompts) gzipped, the MiniLM
-# encoder in fp16 safetensors (the fp32 file is 87 MiB), and the gguf wheel that `import lmstack` needs.
+# Builds .carry/ltr/ (git-ignored, ~52 MiB) for benchmarks/gpu_ltr.sh: the ShareGPT length data (labels = the
+# first answer's length in SmolLM2 tokens, seeded split with 2,500 held-out prompts) gzipped, the MiniLM encoder
+# in fp16 safetensors (the fp32 file is 87 MiB), Llama-3-8B shapes with the SmolLM2 tokenizer (vocabulary cut to
+# its 49,152 ids, the tokenizer the lengths were counted with) and the gguf wheel that `import lmstack` needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${LTR_BUILD:-${TMPDIR:-/tmp}/lmstack-ltr}
-mkdir -p .carry/ltr/whl "$BUILD"
-python3 -m pip download -q --no-deps -d .carry/ltr/whl gguf==0.19.0
+C=.carry/ltr
+rm -rf "$C"
+mkdir -p "$C/whl" "$BUILD"
+python3 -m pip download -q --no-deps -d "$C/whl" gguf==0.19.0
 # Resumable: re-running with the same options only finishes what is missing.
 python3 -m lmstack.cli ltr build-data --output "$BUILD/sharegpt.jsonl" --test-size 2500 --val-size 500 --seed 0 \
   2>&1 | tr "\r" "\n" | tail -1
-gzip -9 -c "$BUILD/sharegpt.jsonl" > .carry/ltr/sharegpt.jsonl.gz.tmp
-mv .carry/ltr/sharegpt.jsonl.gz.tmp .carry/ltr/sharegpt.jsonl.gz
-python3 - <<'PY'
+gzip -9 -c "$BUILD/sharegpt.jsonl" > "$C/sharegpt.jsonl.gz.tmp"
+mv "$C/sharegpt.jsonl.gz.tmp" "$C/sharegpt.jsonl.gz"
+python3 - "$C" <<'PY'
+import json
+import shutil
+import sys
+from pathlib import Path
+
 import torch
 
+from lmstack.models.config import ModelConfig
+from lmstack.models.dummy import PRESETS
 from lmstack.models.encoder import load_encoder
+from lmstack.models.loader import resolve_model_path
 
-load_encoder("all-minilm-l6-v2").save(".carry/ltr/encoder", dtype=torch.float16)
+out = Path(sys.argv[1])
+load_encoder("all-minilm-l6-v2").save(out / "encoder", dtype=torch.float16)
+tok = resolve_model_path("smollm2-135m-instruct")
+cfg = ModelConfig.from_dict(PRESETS["llama-3-8b"]).to_hf_dict()
+cfg["vocab_size"] = 49152  # every generated id decodes with the borrowed tokenizer
+model = out / "llama-3-8b-v49k"
+model.mkdir()
+(model / "config.json").write_text(json.dumps(cfg, indent=1))
+for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(tok / name, model / name)
 PY
-echo ".carry/ltr ready: $(du -sh .carry/ltr | cut -f1)"
+echo "$C ready: $(du -sh "$C" | cut -f1)"

@@ -180,6 +180,35 @@ def test_ltr_batch_gives_way_to_better_ranked_newcomer() -> None:
     policy.close()
 
 
+def test_ltr_starvation_boosts_order_admission_but_never_evict() -> None:
+    # A burst: 12 requests at once, 2 slots, starvation after 3 steps, so most requests get boosted while others
+    # run. Boosts must only reorder admission; evicting for them would recompute work over and over.
+    policy = _ltr({f"p{i}": float(i % 5) for i in range(12)}, starvation_steps=3, quantum=2)
+    sched = _sched(policy, max_num_seqs=2)
+    sched.add([_seq(i, 6) for i in range(12)])
+    _wait_scored(policy, 12)
+    preempted = 0
+    while sched.has_unfinished:
+        preempted += len(_step(sched).preempted)
+    assert preempted == 0 and sched.num_preemptions == 0
+    policy.close()
+
+
+def test_ltr_once_starved_request_keeps_its_slot() -> None:
+    policy = _ltr({"p0": 9.0, "p1": 1.0}, starvation_steps=2, quantum=1)
+    sched = _sched(policy, max_num_seqs=1)
+    sched.add([_seq(1, 4)])
+    _wait_scored(policy, 1)
+    sched.add([_seq(0, 30)])
+    _wait_scored(policy, 2)
+    while not (sched.running and sched.running[0].request_id == "0"):  # starves, then runs once "1" is done
+        assert not _step(sched).preempted
+    sched.add([_seq(2, 3, prompt="p1")])  # a better-ranked newcomer
+    _wait_scored(policy, 3)
+    assert not _step(sched).preempted and sched.running[0].request_id == "0"
+    policy.close()
+
+
 def test_ltr_requests_it_cannot_score_are_served_after_ranked_ones() -> None:
     class Broken:
         def score(self, prompts: list[str]) -> list[float]:

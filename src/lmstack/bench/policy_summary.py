@@ -129,12 +129,55 @@ def print_table(metrics: dict[str, Any], output: Path) -> None:
     print(f"results: {output}")
 
 
+def rebuild_from_log(log: Path, device_label: str) -> Path:
+    """Results JSON (and PNG) from a run log alone, for a benchmark stopped before it wrote them (e.g. a time
+    limit on a lent GPU): the finished runs are all in the log. Written beside the log as `<log>.json`."""
+    import json
+    import shlex
+
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        raise SystemExit(f"{log} holds no finished run")
+    config = records[-1]["config"]
+    burst = {r["policy"]: r for r in records if r["scenario"] == "burst"}
+    sweep: dict[float, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        if r["scenario"].startswith("rate="):
+            sweep.setdefault(r["rate"], {})[r["policy"]] = r
+    capacity = next((r["metrics"]["request_throughput"] for r in records if r["scenario"] == "capacity"), None)
+    if capacity is None and "fcfs" in burst and config["burst_requests"] == config["num_requests"]:
+        capacity = burst["fcfs"]["metrics"]["request_throughput"]
+    policies = list(dict.fromkeys(r["policy"] for r in records))
+    metrics = summary_metrics(burst, sweep, capacity, policies)
+    metrics.update(model=config["model"], max_num_seqs=config["max_num_seqs"],
+                   burst_max_num_seqs=config["burst_max_num_seqs"])
+    rankers = {r["ranker"] for r in records if r.get("ranker")}
+    command = "lmstack bench policies " + " ".join(
+        f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in config.items() if v is not None)
+    command += "".join(f" --ranker {shlex.quote(r)}" for r in sorted(rankers))
+    out, png = log.with_suffix(".json"), log.with_suffix(".png")
+    drawn = plot_latency_vs_rate(metrics["by_rate"], policies, png, plot_title(metrics, device_label))
+    record = {"command": command, "device": device_label, "metrics": metrics, "run_log": str(log),
+              "plot": str(png) if drawn else None,
+              "note": "rebuilt from the run log by `python -m lmstack.bench.policy_summary LOG.jsonl DEVICE`; "
+                      "runs missing from the log were not finished"}
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    print_table(metrics, out)
+    return out
+
+
 if __name__ == "__main__":
     import json
     import sys
 
+    if len(sys.argv) == 3 and sys.argv[1].endswith(".jsonl"):
+        rebuild_from_log(Path(sys.argv[1]), sys.argv[2])
+        sys.exit(0)
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m lmstack.bench.policy_summary RESULTS.json  (draws RESULTS.png beside it)")
+        sys.exit("usage: python -m lmstack.bench.policy_summary RESULTS.json  (draws RESULTS.png beside it)\n"
+                 "       python -m lmstack.bench.policy_summary RUN_LOG.jsonl DEVICE  (results from a run log)")
     results = Path(sys.argv[1])
     data = json.loads(results.read_text(encoding="utf-8"))
     m = data["metrics"]

@@ -87,20 +87,25 @@ class Scheduler:
         return out
 
     def _evict_outranked(self, out: SchedulerOutput) -> int:
-        """Free batch slots for waiting requests that rank above running ones; returns how many were evicted.
+        """Free batch slots for waiting requests that outrank running ones; returns how many were evicted.
 
-        The i-th best waiting request competes for a slot only once the batch (less those already freed) is full.
+        The best waiting requests take the batch's free slots first; each one after them may evict the worst
+        running request that the policy lets it outrank (`Policy.outranks`), one eviction per newcomer.
         """
-        evicted, candidates = 0, len(self.waiting)
-        key = self.policy.key
-        while (evicted < candidates and self.running
-               and len(self.running) + evicted >= self.max_num_seqs
-               and self.policy.ready(self.waiting[evicted])
-               and key(self.waiting[evicted]) < key(self.running[-1])):
-            self._preempt(self.running[-1], out)
+        free = max(0, self.max_num_seqs - len(self.running))
+        victims = self.running[::-1]  # worst first
+        evicted = 0
+        for newcomer in self.waiting[free:]:
+            if not self.policy.ready(newcomer):
+                break
+            victim = next((v for v in victims if self.policy.outranks(newcomer, v)), None)
+            if victim is None:
+                break
+            victims.remove(victim)
+            self._preempt(victim, out)
             evicted += 1
         if evicted:
-            self.waiting.sort(key=key)
+            self.waiting.sort(key=self.policy.key)
         return evicted
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int], out: SchedulerOutput) -> bool:

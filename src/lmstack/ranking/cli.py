@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -196,12 +197,16 @@ def _eval(args: argparse.Namespace) -> int:
         classifiers[f"bucket_classifier_{name}"] = path
     metrics, details = evaluate(args.data, args.ranker, classifiers, device=device, list_size=args.list_size,
                                 seed=args.seed)
+    # tau is undefined for a constant prediction (e.g. a classifier that puts every prompt in one bucket):
+    # JSON has no NaN, so it is written as null.
+    metrics = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
     command = cli_command("ltr eval", args, ("data", "ranker", "bucket_classifier", "device", "list_size", "seed",
                                             "output"))
     command += "".join(f" --extra-classifier {shlex.quote(spec)}" for spec in args.extra_classifier)
     write_results(args.output, command, metrics, device=device, label=args.label, **details)
     for key, value in metrics.items():
-        print(f"{key:<48} {value:.4f}" if isinstance(value, float) else f"{key:<48} {value}")
+        print(f"{key:<48} {value:.4f}" if isinstance(value, float) else
+              f"{key:<48} {'undefined (constant predictions)' if value is None else value}")
     print(f"wrote {args.output}")
     return 0
 

@@ -37,6 +37,10 @@ class Policy(ABC):
     def on_step(self, step: int, waiting: list[Sequence], running: list[Sequence]) -> None:
         """Called at the start of every scheduling step."""
 
+    def outranks(self, newcomer: Sequence, running: Sequence) -> bool:
+        """Whether a waiting request may evict a running one from a full batch (preemptive policies only)."""
+        return self.key(newcomer) < self.key(running)
+
     def ready(self, seq: Sequence) -> bool:
         """Whether a waiting request may be admitted now; a request that is not must sort after all that are."""
         return True

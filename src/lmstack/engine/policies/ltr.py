@@ -9,7 +9,9 @@ stays in the queue until its score lands (only an otherwise idle engine waits fo
 Waiting and running requests are ordered by score; the batch is kept to the best-ranked requests (a new short
 request takes the slot of the longest-ranked running one, which is recomputed later), and under memory
 pressure the lowest-ranked request is preempted. Starvation guard: a request that has waited
-`starvation_steps` steps gets top priority for `quantum` steps, so no request can be passed over forever.
+`starvation_steps` steps gets top priority for `quantum` steps, so no request can be passed over forever; it
+is admitted at the next free slot rather than by eviction, and once admitted it is never evicted for a
+better-ranked newcomer (only under memory pressure), so promotions cannot cascade into recomputation.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class _State:
     score: float = 0.0
     waited: int = 0  # consecutive steps spent waiting
     boost_left: int = 0  # steps of top priority left
+    boosted: bool = False  # was starved once: keeps its batch slot from then on
 
 
 @dataclass
@@ -195,6 +198,14 @@ class LearnedRankPolicy(Policy):
             return (_RANKED, state.score, seq.arrival_time, seq.seq_no)
         return (state.tier, 0.0, seq.arrival_time, seq.seq_no)
 
+    def outranks(self, newcomer: Sequence, running: Sequence) -> bool:
+        """Rank decides, but the starvation guard never evicts: a boosted newcomer takes the next free slot, and
+        a request that was once starved keeps its slot, so the guard cannot become round-robin recomputation."""
+        new, old = self._states.get(newcomer), self._states.get(running)
+        if (new is not None and new.boost_left > 0) or (old is not None and old.boosted):
+            return False
+        return super().outranks(newcomer, running)
+
     def ready(self, seq: Sequence) -> bool:
         state = self._states.get(seq)
         return state is None or state.tier != _PENDING
@@ -211,7 +222,7 @@ class LearnedRankPolicy(Policy):
                 continue
             state.waited += 1
             if state.waited >= self.starvation_steps and state.boost_left <= 0:
-                state.boost_left, state.waited = self.quantum, 0
+                state.boost_left, state.waited, state.boosted = self.quantum, 0, True
         for seq in running:
             state = self._states.get(seq)
             if state is not None:
