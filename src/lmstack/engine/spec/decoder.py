@@ -76,6 +76,7 @@ class SpecDecoder:
             proposal = self.proposer.propose([c.seq for c, _ in proposing], [n for _, n in proposing])
             for (c, _), tokens in zip(proposing, proposal.tokens, strict=True):
                 c.spec_tokens = tokens
+                self.blocks.truncate(c.seq, c.start + 1 + len(tokens))  # a proposer may return fewer than asked
         t1 = time.perf_counter()
         logits = self.runner.forward_logits(sched, timings)
         if on_launch is not None:
