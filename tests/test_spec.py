@@ -24,6 +24,7 @@ from lmstack.engine.spec.controller import (
     expected_tokens,
     fit_nonnegative,
     make_controller,
+    merge_profiles,
     save_profile,
     step_features,
 )
@@ -362,7 +363,7 @@ def test_profile_warm_start(tmp_path) -> None:
     ctl = _planted(np.array([0.05, 1e-4, 1e-7, 0.002, 1e-5]))
     _set_acceptance(ctl, 0.7, 4)
     path = tmp_path / "profile.json"
-    save_profile([ctl], path, proposer="draft")
+    save_profile(merge_profiles([ctl.profile()], proposer="draft"), path)
     assert json.loads(path.read_text())["acceptance"] == pytest.approx(0.7, abs=0.05)
     warm = make_controller("smart", 5, True, profile=path)
     assert warm.coef is not None  # fitted from the profile: no measuring phase

@@ -18,7 +18,7 @@ from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.scheduler import Scheduler
 from lmstack.engine.sequence import Sequence
 from lmstack.engine.spec.decoder import SpecDecoder
-from lmstack.errors import RequestError
+from lmstack.errors import LmstackError, RequestError
 from lmstack.models.config import ModelConfig
 from lmstack.models.llama import LlamaModel
 from lmstack.models.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -44,10 +44,11 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.blocks, make_policy(self.config.policy, **self.config.policy_options),
                                    self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        self.spec: SpecDecoder | None = None
+        self.spec: SpecDecoder | None = None  # the speculative step, while speculation is on
+        self._spec_decoder: SpecDecoder | None = None
         if self.config.speculative is not None:
-            self.spec = SpecDecoder.create(self.config, self.runner, self.blocks, self.scheduler, tokenizer,
-                                           self.max_model_len, draft_model)
+            self.spec = self._spec_decoder = SpecDecoder.create(self.config, self.runner, self.blocks, self.scheduler,
+                                                                tokenizer, self.max_model_len, draft_model)
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -96,6 +97,17 @@ class LLMEngine:
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
+
+    def set_spec_k(self, spec_k: int | str | None) -> None:
+        """Switch the proposal-length policy ("smart" or a fixed k) between runs, with a fresh controller;
+        None turns speculation off (plain steps) and keeps the draft loaded. The engine must be idle."""
+        if self._spec_decoder is None:
+            raise LmstackError("this engine was built without speculative decoding (set speculative=...)")
+        if self.has_unfinished:
+            raise RuntimeError("set_spec_k needs an idle engine")
+        self.spec = None if spec_k is None else self._spec_decoder
+        if spec_k is not None:
+            self._spec_decoder.set_policy(spec_k)
 
     # ----- the loop -----
     def step(self, on_launch: Callable[[], None] | None = None) -> list[RequestOutput]:

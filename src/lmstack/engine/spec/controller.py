@@ -131,7 +131,7 @@ class Controller:
         self.samples: dict[int, deque[tuple[np.ndarray, float]]] = {}
         self.window = window
         self.steps = 0
-        self.chosen: dict[int, int] = {}  # k -> steps that proposed with it
+        self.chosen: dict[int, int] = {}  # k -> steps whose longest proposal had k tokens
 
     def choose(self, shape: StepShape) -> int:
         raise NotImplementedError
@@ -140,6 +140,7 @@ class Controller:
         """A finished step: its largest proposal length, features and wall time."""
         self.samples.setdefault(k, deque(maxlen=self.window)).append((features, seconds))
         self.steps += 1
+        self.chosen[k] = self.chosen.get(k, 0) + 1
 
     def observe_acceptance(self, key: Any, proposed: int, accepted: int) -> None:
         self.acceptance.observe(key, proposed, accepted)
@@ -157,8 +158,10 @@ class Controller:
 
     # ----- profiles -----
     def profile(self) -> dict[str, Any]:
-        """Everything a later run needs to start from this one's measurements."""
-        return {"version": PROFILE_VERSION, "features": list(FEATURES), "acceptance": self.acceptance.rate,
+        """Everything a later run needs to start from this one's measurements (see `merge_profiles`)."""
+        a = self.acceptance
+        return {"version": PROFILE_VERSION, "features": list(FEATURES), "acceptance": a.rate,
+                "accepted_tokens": a.total_accepted, "tested_tokens": a.total_tested,
                 "samples": [[k, *f.tolist(), t] for k, q in sorted(self.samples.items()) for f, t in q]}
 
     def load_profile(self, profile: dict[str, Any]) -> None:
@@ -267,12 +270,16 @@ def read_profile(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def save_profile(controllers: Seq[Controller], path: str | Path, **meta: Any) -> None:
-    """Pool the measurements of several controllers (e.g. one per benchmark run) into one profile file."""
-    samples = [row for c in controllers for row in c.profile()["samples"]]
-    tested = sum(c.acceptance.total_tested for c in controllers)
-    accepted = sum(c.acceptance.total_accepted for c in controllers)
-    record = {"version": PROFILE_VERSION, "features": list(FEATURES), **meta,
-              "acceptance": accepted / tested if tested else 0.5, "samples": samples}
+def merge_profiles(profiles: Seq[dict[str, Any]], **meta: Any) -> dict[str, Any]:
+    """Several profiles (e.g. one per benchmark run) as one: all samples, acceptance over all tested tokens."""
+    tested = sum(p.get("tested_tokens", 0) for p in profiles)
+    accepted = sum(p.get("accepted_tokens", 0) for p in profiles)
+    return {"version": PROFILE_VERSION, "features": list(FEATURES), **meta,
+            "acceptance": accepted / tested if tested else 0.5, "accepted_tokens": accepted,
+            "tested_tokens": tested, "samples": [row for p in profiles for row in p.get("samples", [])]}
+
+
+def save_profile(profile: dict[str, Any], path: str | Path) -> None:
+    """Write a profile for `spec_profile` / `--spec-profile` to warm-start SmartSpec."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps(profile) + "\n", encoding="utf-8")
