@@ -391,3 +391,48 @@ def test_bad_speculation_settings_are_clear_errors(target) -> None:
     with pytest.raises(LmstackError, match="vocabulary"):
         LLMEngine(model, tok, EngineConfig(num_kv_blocks=16, speculative="draft"), draft_model=other)
     assert EngineConfig(speculative="ngram", spec_k="3").spec_k == 3
+
+
+def test_async_engine_and_llm_api_with_speculation(target, reference) -> None:
+    """The server's engine thread runs speculative steps; `LLM(..., speculative=...)` takes the options."""
+    import asyncio
+
+    from lmstack import LLM
+    from lmstack.engine import AsyncEngine
+
+    model, tok = target
+    engine = LLMEngine(model, tok, EngineConfig(num_kv_blocks=64, max_model_len=256, speculative="draft",
+                                                spec_k=3), draft_model=model)
+
+    async def main() -> list[list[list[int]]]:
+        served = AsyncEngine(engine)
+
+        async def stream(i: int) -> list[list[int]]:
+            return [out.outputs[0].token_ids async for out in served.generate(PROMPTS[i], GREEDY)]
+
+        try:
+            return await asyncio.gather(*(stream(i) for i in range(len(PROMPTS))))
+        finally:
+            await served.shutdown()
+
+    streams = asyncio.run(main())
+    assert [s[-1] for s in streams] == [reference[i] for i in range(len(PROMPTS))]
+    assert engine.blocks.num_used == 0 and engine.spec.proposer.num_used_blocks == 0
+    llm = LLM(MODEL, dtype="float32", device="cpu", speculative="ngram", spec_k=2, num_kv_blocks=64,
+              max_model_len=256)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [reference[i] for i in range(len(PROMPTS))]
+
+
+def test_serve_flags() -> None:
+    from lmstack.cli import build_parser
+    from lmstack.server.cli import speculative_options
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--speculative", "draft", "--spec-model", "m", "--spec-k", "3"])
+    assert speculative_options(args) == {"speculative": "draft", "spec_k": 3, "spec_model": "m"}
+    assert speculative_options(parser.parse_args(["serve"])) == {}
+    with pytest.raises(LmstackError, match="--speculative"):
+        speculative_options(parser.parse_args(["serve", "--spec-k", "2"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--speculative", "ngram", "--spec-k", "often"])
