@@ -300,7 +300,7 @@ def _planted(c: np.ndarray, draft_forwards: bool = True, seed: int = 0, **kw) ->
         for k in range(6):
             b = int(rng.integers(1, 32))
             f = step_features(b * (k + 1), int(rng.integers(100, 4000)), k, b * k)
-            ctl.observe_step(k, f, float(f @ c) * (1 + 0.01 * rng.standard_normal()))
+            ctl.observe_step(k, b, f, float(f @ c) * (1 + 0.01 * rng.standard_normal()))
     return ctl
 
 
@@ -346,6 +346,27 @@ def test_smartspec_speculates_when_it_pays() -> None:
     k = ctl.choose(_shape(4))
     assert k >= 3
     assert ctl.goodput(_shape(4), k) > 2 * ctl.goodput(_shape(4), 0)
+
+
+def test_smartspec_corrects_a_nonlinear_step_time() -> None:
+    """A CPU-like cliff (one row: 0.36 s, two or more: 0.75 s) that no linear model fits: the per-(k, batch
+    size) correction still finds that, for a lone request at 60% acceptance, plain decoding is faster."""
+
+    def seconds(tokens: int, k: int) -> float:
+        return (0.36 if tokens == 1 else 0.75 + 0.002 * tokens) + 0.15 * k
+
+    ctl = SmartSpec(5, draft_forwards=True)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        for k in range(6):
+            for b in (1, 4):
+                ctl.observe_step(k, b, step_features(b * (k + 1), 300 * b, k, b * k),
+                                 seconds(b * (k + 1), k) * (1 + 0.01 * rng.standard_normal()))
+        ctl.observe_step(0, 0, step_features(120, 120, 0, 0), seconds(120, 0))
+    _set_acceptance(ctl, 0.6, 1)
+    assert ctl.choose(_shape(1)) == 0
+    assert ctl.predict(ctl.features(_shape(1), 0), 0, 1) == pytest.approx(0.36, rel=0.05)
+    assert ctl.predict(ctl.features(_shape(1), 3), 3, 1) == pytest.approx(seconds(4, 3), rel=0.05)
 
 
 def test_acceptance_and_expected_tokens() -> None:

@@ -33,9 +33,12 @@ import numpy as np
 from lmstack.bench.results import cli_command, device_name, write_results
 from lmstack.errors import LmstackError
 
+# Defaults sized to finish in about 15 minutes on 2 CPU cores; the lowest rate has requests rarely overlapping.
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "draft": {"model": "qwen2.5-coder-1.5b-instruct", "spec_model": "qwen2.5-coder-0.5b-instruct", "data": "code"},
-    "ngram": {"model": "smollm2-135m-instruct", "spec_model": None, "data": "quote"},
+    "draft": {"model": "qwen2.5-coder-1.5b-instruct", "spec_model": "qwen2.5-coder-0.5b-instruct", "data": "code",
+              "rates": "0.05,0.2,1", "num_requests": 4, "max_tokens": 32},
+    "ngram": {"model": "smollm2-135m-instruct", "spec_model": None, "data": "quote",
+              "rates": "0.2,1,4", "num_requests": 12, "max_tokens": 64},
 }
 DEFAULT_POLICIES = "nospec,1,3,5,smart"
 _OPTIONS = ("proposer", "model", "spec_model", "data", "policies", "rates", "num_requests", "max_tokens",
@@ -53,10 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
                         help=f"comma-separated: nospec, smart and fixed k values (default {DEFAULT_POLICIES})")
     parser.add_argument("--rates", default=None,
-                        help="comma-separated Poisson rates in requests/s (default: 0.02,0.1,0.3 for draft, "
-                             "0.1,0.5,2 for ngram: from one request at a time to a queue on 2 CPU cores)")
-    parser.add_argument("--num-requests", type=int, default=6, help="requests per rate (default 6)")
-    parser.add_argument("--max-tokens", type=int, default=48, help="output tokens per request at most (default 48)")
+                        help="comma-separated Poisson rates in requests/s (default: 0.05,0.2,1 for draft, "
+                             "0.2,1,4 for ngram: from one request at a time to a full batch on 2 CPU cores)")
+    parser.add_argument("--num-requests", type=int, default=None, help="requests per rate (default 4 draft, 12 ngram)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="output tokens per request at most (default 32 draft, 64 ngram)")
     parser.add_argument("--max-prompt-len", type=int, default=320, help="drop longer prompts (default 320)")
     parser.add_argument("--max-num-seqs", type=int, default=8, help="requests running at once (default 8)")
     parser.add_argument("--spec-max-k", type=int, default=5, help="K: longest proposal SmartSpec considers")
@@ -97,7 +101,9 @@ def _check(args: argparse.Namespace) -> list[tuple[str, int | str | None]]:
         args.spec_model = args.spec_model or defaults["spec_model"]
     elif args.spec_model is not None:
         raise LmstackError("--spec-model is for --proposer draft")
-    args.rates = args.rates or ("0.02,0.1,0.3" if args.proposer == "draft" else "0.1,0.5,2")
+    for name in ("rates", "num_requests", "max_tokens"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
     try:
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
     except ValueError:

@@ -14,8 +14,10 @@ emits, and picks the best k (k = 0 is plain decoding: one token per request).
   k tokens of which a were accepted tested a + 1 tokens (a when all were accepted).
 - Step time: a linear model of measured step times on (batched tokens, KV tokens, draft forwards, draft
   tokens), fitted by non-negative least squares on relative error from recent steps, kept per k so that
-  rarely chosen k values are not forgotten, and refitted every few steps. It can be warm-started from a
-  profile file written by an earlier run.
+  rarely chosen k values are not forgotten, and refitted every few steps. Hardware is not always linear (on
+  CPU a 2-row matrix product can cost twice a 1-row one), so each (k, decode batch size) group that has been
+  measured also corrects the model by its median ratio of measured to predicted time. It can be
+  warm-started from a profile file written by an earlier run.
 - Until the model has seen every k, steps cycle through 0..K to measure them; afterwards, when k = 0 has
   won for a long stretch, one step proposes a single token so that acceptance estimates stay current.
 """
@@ -35,7 +37,7 @@ import numpy as np
 from lmstack.errors import LmstackError
 
 FEATURES = ("intercept", "batched_tokens", "kv_tokens", "draft_forwards", "draft_tokens")
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -121,14 +123,22 @@ class Acceptance:
         self.per_request.pop(key, None)
 
 
+def size_bucket(num_decodes: int) -> int:
+    """Decode batch sizes grouped by powers of two: 0 (no decode), 1, 2-3, 4-7, 8-15, ..."""
+    return num_decodes.bit_length()
+
+
+Sample = tuple[int, np.ndarray, float]  # (decode requests, features, seconds)
+
+
 class Controller:
     """Chooses k per step and records what each step cost; subclasses decide the choice."""
 
-    def __init__(self, max_k: int, draft_forwards: bool, window: int = 64) -> None:
+    def __init__(self, max_k: int, draft_forwards: bool, window: int = 32) -> None:
         self.max_k = max_k
         self.draft_forwards = draft_forwards  # the proposer runs a model: k forwards of it per step
         self.acceptance = Acceptance()
-        self.samples: dict[int, deque[tuple[np.ndarray, float]]] = {}
+        self.samples: dict[tuple[int, int], deque[Sample]] = {}  # by (k, size bucket), the latest `window`
         self.window = window
         self.steps = 0
         self.chosen: dict[int, int] = {}  # k -> steps whose longest proposal had k tokens
@@ -136,9 +146,10 @@ class Controller:
     def choose(self, shape: StepShape) -> int:
         raise NotImplementedError
 
-    def observe_step(self, k: int, features: np.ndarray, seconds: float) -> None:
-        """A finished step: its largest proposal length, features and wall time."""
-        self.samples.setdefault(k, deque(maxlen=self.window)).append((features, seconds))
+    def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
+        """A finished step: its longest proposal, decode requests, features and wall time."""
+        key = (k, size_bucket(num_decodes))
+        self.samples.setdefault(key, deque(maxlen=self.window)).append((num_decodes, features, seconds))
         self.steps += 1
         self.chosen[k] = self.chosen.get(k, 0) + 1
 
@@ -160,18 +171,18 @@ class Controller:
     def profile(self) -> dict[str, Any]:
         """Everything a later run needs to start from this one's measurements (see `merge_profiles`)."""
         a = self.acceptance
+        rows = [[k, n, *f.tolist(), t] for (k, _), q in sorted(self.samples.items()) for n, f, t in q]
         return {"version": PROFILE_VERSION, "features": list(FEATURES), "acceptance": a.rate,
-                "accepted_tokens": a.total_accepted, "tested_tokens": a.total_tested,
-                "samples": [[k, *f.tolist(), t] for k, q in sorted(self.samples.items()) for f, t in q]}
+                "accepted_tokens": a.total_accepted, "tested_tokens": a.total_tested, "samples": rows}
 
     def load_profile(self, profile: dict[str, Any]) -> None:
         if profile.get("version") != PROFILE_VERSION or profile.get("features") != list(FEATURES):
             raise LmstackError(f"the speculation profile has version {profile.get('version')!r} and features "
                                f"{profile.get('features')!r}; expected version {PROFILE_VERSION} with {FEATURES}")
-        for row in profile.get("samples", []):
-            k, *feats, t = row
+        for k, n, *feats, t in profile.get("samples", []):
             if int(k) <= self.max_k:
-                self.samples.setdefault(int(k), deque(maxlen=self.window)).append((np.array(feats, float), t))
+                key = (int(k), size_bucket(int(n)))
+                self.samples.setdefault(key, deque(maxlen=self.window)).append((int(n), np.array(feats, float), t))
         rate = float(profile.get("acceptance", 0.5))
         self.acceptance.accepted = min(max(rate, 0.0), 1.0) * self.acceptance.tested
 
@@ -191,18 +202,19 @@ class SmartSpec(Controller):
     """Each step, the k in 0..K with the best predicted goodput (see the module docstring)."""
 
     def __init__(self, max_k: int, draft_forwards: bool, refit_every: int = 16, explore_every: int = 64,
-                 min_samples_per_k: int = 2, window: int = 64) -> None:
+                 min_samples: int = 2, window: int = 32) -> None:
         super().__init__(max_k, draft_forwards, window)
         self.refit_every = refit_every
         self.explore_every = explore_every
-        self.min_samples_per_k = min_samples_per_k
+        self.min_samples = min_samples
         self.coef: np.ndarray | None = None
+        self.correction: dict[tuple[int, int], float] = {}  # (k, size bucket) -> median measured / predicted
         self._since_fit = 0
         self._zero_streak = 0
         self._cycle = 0
 
-    def observe_step(self, k: int, features: np.ndarray, seconds: float) -> None:
-        super().observe_step(k, features, seconds)
+    def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
+        super().observe_step(k, num_decodes, features, seconds)
         self._since_fit += 1
         if self.coef is None or self._since_fit >= self.refit_every:
             self.refit()
@@ -217,23 +229,32 @@ class SmartSpec(Controller):
         The model is linear in k, so three measured lengths (all of them when K < 2) pin it down.
         """
         self._since_fit = 0
-        measured = [k for k, q in self.samples.items() if len(q) >= self.min_samples_per_k]
-        if len(measured) < min(3, self.max_k + 1):
+        counts: dict[int, int] = {}
+        for (k, _), q in self.samples.items():
+            counts[k] = counts.get(k, 0) + len(q)
+        if sum(n >= self.min_samples for n in counts.values()) < min(3, self.max_k + 1):
             return
-        rows = [(f, t) for q in self.samples.values() for f, t in q]
+        rows = [(f, t) for q in self.samples.values() for _, f, t in q]
         self.coef = fit_nonnegative(np.stack([f for f, _ in rows]), np.array([t for _, t in rows]))
+        self.correction = {}
+        for key, q in self.samples.items():
+            if len(q) >= self.min_samples:
+                self.correction[key] = float(np.median([t / max(float(f @ self.coef), 1e-9) for _, f, t in q]))
 
-    def predict(self, features: np.ndarray) -> float:
+    def predict(self, features: np.ndarray, k: int = 0, num_decodes: int = 0) -> float:
+        """Seconds of a step with these features, corrected by its (k, batch size) group when measured."""
         if self.coef is None:
             raise RuntimeError("the latency model is not fitted yet")
-        return max(float(features @ self.coef), 1e-9)
+        linear = max(float(features @ self.coef), 1e-9)
+        return linear * self.correction.get((k, size_bucket(num_decodes)), 1.0)
 
     def goodput(self, shape: StepShape, k: int) -> float:
         """Predicted tokens per second of the step at proposal length k."""
         tokens = shape.num_other_samples + sum(
             expected_tokens(self.acceptance.of(key), min(k, cap)) for key, cap in zip(shape.keys, shape.caps,
                                                                                       strict=True))
-        return tokens / self.predict(self.features(shape, k))
+        k_eff = max((min(k, c) for c in shape.caps), default=0)
+        return tokens / self.predict(self.features(shape, k), k_eff, len(shape.caps))
 
     def choose(self, shape: StepShape) -> int:
         if not shape.caps or max(shape.caps) == 0:

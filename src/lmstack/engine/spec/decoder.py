@@ -44,7 +44,8 @@ class SpecDecoder:
         self.proposer = proposer
         self.max_model_len = max_model_len
         self.controller = self.make_controller(config.spec_k)
-        self._pending: tuple[int, np.ndarray] | None = None  # the last step's (largest k, features)
+        # The last step's longest proposal, decode requests and features, timed when the engine step ends.
+        self._pending: tuple[int, int, np.ndarray] | None = None
         scheduler.release_hooks.append(self.release)
 
     @classmethod
@@ -87,7 +88,7 @@ class SpecDecoder:
         num_spec = sum(len(c.spec_tokens) for c in sched.chunks)
         features = step_features(sched.num_tokens + num_spec, shape.kv_tokens + num_spec, proposal.draft_forwards,
                                  proposal.draft_tokens)
-        self._pending = (max((len(c.spec_tokens) for c in sched.chunks), default=0), features)
+        self._pending = (max((len(c.spec_tokens) for c in sched.chunks), default=0), len(decodes), features)
         for key, seconds in (("propose_s", t1 - t0), ("forward_s", t2 - t1), ("sample_s", t3 - t2)):
             timings[key] = timings.get(key, 0.0) + seconds
         timings["spec_proposed"] = timings.get("spec_proposed", 0) + num_spec
