@@ -13,13 +13,14 @@ emits, and picks the best k (k = 0 is plain decoding: one token per request).
   (a request's own average is shrunk toward the global one while it has few observations). A proposal of
   k tokens of which a were accepted tested a + 1 tokens (a when all were accepted).
 - Step time: a linear model of measured step times on (batched tokens, KV tokens, draft forwards, draft
-  tokens), fitted by non-negative least squares on relative error from recent steps, kept per k so that
-  rarely chosen k values are not forgotten, and refitted every few steps. Hardware is not always linear (on
-  CPU a 2-row matrix product can cost twice a 1-row one), so each (k, decode batch size) group that has been
-  measured also corrects the model by its median ratio of measured to predicted time. It can be
-  warm-started from a profile file written by an earlier run.
-- Until the model has seen every k, steps cycle through 0..K to measure them; afterwards, when k = 0 has
-  won for a long stretch, one step proposes a single token so that acceptance estimates stay current.
+  tokens), fitted by non-negative least squares on relative error from recent steps, kept per (k, batch
+  size) so that rarely chosen k values are not forgotten, and refitted every few steps. Hardware is not
+  always linear (on CPU a 2-row matrix product can cost twice a 1-row one), so each (k, decode batch size)
+  group that has been measured also corrects the model by its median ratio of measured to predicted time.
+  It can be warm-started from a profile file written by an earlier run.
+- Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
+  for a long stretch, one step proposes a single token so that acceptance estimates stay current. A k no
+  step has used yet is predicted by the linear model alone; once chosen, it is measured and corrected.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def expected_tokens(alpha: float, k: int) -> float:
 class StepShape:
     """What a step is made of before speculation: the controller adds each candidate k on top of it.
 
-    `caps[i]` is the most tokens decode request i may propose (remaining output budget, context window, KV
-    blocks); `keys[i]` identifies it for its acceptance rate. Chunks that sample but do not decode (the last
+    `caps[i]` is the most tokens decode request i may propose (remaining output budget, context window);
+    `keys[i]` identifies it for its acceptance rate. Chunks that sample but do not decode (the last
     prefill chunk of a prompt) emit one token whatever k is.
     """
 
