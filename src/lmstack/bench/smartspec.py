@@ -71,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None,
-                        help="results JSON (default benchmarks/results/smartspec.json); the run log (.jsonl), "
-                             "plot (.png) and SmartSpec profile (.profile.json) go beside it")
+                        help="results JSON (default benchmarks/results/smartspec.json for draft, smartspec_ngram.json "
+                             "for ngram); the run log (.jsonl), plot (.png) and SmartSpec profile (.profile.json) "
+                             "go beside it")
 
 
 def _policies(text: str) -> list[tuple[str, int | str | None]]:
@@ -288,7 +289,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(args.threads)
-    output = Path(args.output or "benchmarks/results/smartspec.json")
+    output = Path(args.output or ("benchmarks/results/smartspec.json" if args.proposer == "draft"
+                                  else f"benchmarks/results/smartspec_{args.proposer}.json"))
     log, png, profile_path = output.with_suffix(".jsonl"), output.with_suffix(".png"), \
         output.with_suffix(".profile.json")
     output.parent.mkdir(parents=True, exist_ok=True)
