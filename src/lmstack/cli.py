@@ -101,6 +101,13 @@ def _bench_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_smartspec(args: argparse.Namespace) -> int:
+    from lmstack.bench.smartspec import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmstack", description="Serve, route, evaluate and adapt language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     bp = bench.add_parser("policies", help="scheduling policies (fcfs, mlfq, ltr, oracle-sjf) on replayed ShareGPT")
     add_policies_arguments(bp)
     bp.set_defaults(func=_bench_policies)
+    from lmstack.bench.smartspec import add_arguments as add_smartspec_arguments
+
+    bss = bench.add_parser("smartspec", help="speculative decoding: no-spec, fixed k and SmartSpec across rates")
+    add_smartspec_arguments(bss)
+    bss.set_defaults(func=_bench_smartspec)
     from lmstack.evals.arena_hard.cli import add_arguments as add_arena_hard_arguments
     from lmstack.evals.arena_hard.cli import run as run_arena_hard
 

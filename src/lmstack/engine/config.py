@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LmstackError
@@ -24,6 +25,14 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     stream_text: bool = True  # detokenize every step (servers); off: decode once at the end (offline batches)
     seed: int = 0
+    # Speculative decoding (engine/spec/): a proposer name from PROPOSERS ("draft", "ngram") or None (off).
+    speculative: str | None = None
+    spec_model: str | None = None  # draft: the smaller model (same tokenizer)
+    spec_k: int | str = "smart"  # tokens proposed per step: "smart" (SmartSpec, 0..spec_max_k) or a fixed k
+    spec_max_k: int = 5  # K, the longest proposal SmartSpec considers
+    spec_profile: str | None = None  # SmartSpec warm start: a latency/acceptance profile JSON from an earlier run
+    spec_ngram_min_n: int = 1  # ngram: shortest suffix that counts as a match
+    spec_ngram_max_n: int = 4  # ngram: longest suffix tried first
 
     max_model_len_cap: int = 32768
 
@@ -43,3 +52,27 @@ class EngineConfig:
             raise LmstackError(f"attention_options must be a dict, got {type(self.attention_options).__name__}")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:
             raise LmstackError(f"gpu_memory_utilization must be in [0.05, 0.99], got {self.gpu_memory_utilization}")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        from lmstack.engine.spec.proposers import PROPOSERS  # here: the proposers import the runner, which imports us
+
+        if self.speculative is None:
+            if self.spec_model is not None or self.spec_profile is not None:
+                raise LmstackError("spec_model/spec_profile need speculative decoding on: set speculative='draft'")
+            return
+        if self.speculative not in PROPOSERS:
+            raise LmstackError(f"unknown speculative proposer {self.speculative!r}; choose from {', '.join(PROPOSERS)}")
+        if isinstance(self.spec_k, str) and self.spec_k.strip().isdigit():
+            self.spec_k = int(self.spec_k)
+        if self.spec_k != "smart" and not (isinstance(self.spec_k, int) and self.spec_k >= 0):
+            raise LmstackError(f"spec_k must be 'smart' or an integer >= 0, got {self.spec_k!r}")
+        if not isinstance(self.spec_max_k, int) or self.spec_max_k < 1:
+            raise LmstackError(f"spec_max_k must be a positive integer, got {self.spec_max_k!r}")
+        if not 1 <= self.spec_ngram_min_n <= self.spec_ngram_max_n:
+            raise LmstackError(f"need 1 <= spec_ngram_min_n <= spec_ngram_max_n, got {self.spec_ngram_min_n} and "
+                               f"{self.spec_ngram_max_n}")
+        if self.speculative != "draft" and self.spec_model is not None:
+            raise LmstackError(f"spec_model is for the draft proposer, not {self.speculative!r}")
+        if self.spec_profile is not None and not Path(self.spec_profile).is_file():
+            raise LmstackError(f"spec_profile {self.spec_profile} does not exist")

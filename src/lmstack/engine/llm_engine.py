@@ -17,14 +17,17 @@ from lmstack.engine.runner import ModelRunner
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.scheduler import Scheduler
 from lmstack.engine.sequence import Sequence
-from lmstack.errors import RequestError
+from lmstack.engine.spec.decoder import SpecDecoder
+from lmstack.errors import LmstackError, RequestError
 from lmstack.models.config import ModelConfig
 from lmstack.models.llama import LlamaModel
 from lmstack.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class LLMEngine:
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 draft_model: LlamaModel | None = None) -> None:
+        """`draft_model`: an already loaded draft for speculative decoding (else `config.spec_model` is loaded)."""
         self.config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -41,6 +44,11 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.blocks, make_policy(self.config.policy, **self.config.policy_options),
                                    self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.spec: SpecDecoder | None = None  # the speculative step, while speculation is on
+        self._spec_decoder: SpecDecoder | None = None
+        if self.config.speculative is not None:
+            self.spec = self._spec_decoder = SpecDecoder.create(self.config, self.runner, self.blocks, self.scheduler,
+                                                                tokenizer, self.max_model_len, draft_model)
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -90,6 +98,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    def set_spec_k(self, spec_k: int | str | None) -> None:
+        """Switch the proposal-length policy ("smart" or a fixed k) between runs, with a fresh controller;
+        None turns speculation off (plain steps) and keeps the draft loaded. The engine must be idle."""
+        if self._spec_decoder is None:
+            raise LmstackError("this engine was built without speculative decoding (set speculative=...)")
+        if self.has_unfinished:
+            raise RuntimeError("set_spec_k needs an idle engine")
+        self.spec = None if spec_k is None else self._spec_decoder
+        if spec_k is not None:
+            self._spec_decoder.set_policy(spec_k)
+
     # ----- the loop -----
     def step(self, on_launch: Callable[[], None] | None = None) -> list[RequestOutput]:
         """One scheduling step and one forward; returns the requests that got a token or finished.
@@ -106,21 +125,33 @@ class LLMEngine:
         for c in sched.chunks:
             if c.seq.metrics.first_scheduled_time is None:
                 c.seq.metrics.first_scheduled_time = now
-        tokens, logprobs = self.runner.execute(sched, self.stats, on_launch)
+        if self.spec is not None:
+            new_tokens = self.spec.execute(sched, self.stats, on_launch)
+        else:
+            tokens, logprobs = self.runner.execute(sched, self.stats, on_launch)
+            new_tokens = [([t], [lp]) for t, lp in zip(tokens, logprobs, strict=True)]
         t2 = time.perf_counter()
         outputs: list[RequestOutput] = []
-        sampled = iter(zip(tokens, logprobs, strict=True))
+        sampled = iter(new_tokens)
         now = time.monotonic()
         for c in sched.chunks:
             seq = c.seq
             seq.num_computed += c.num_tokens
             if not c.samples:
                 continue
-            token, lp = next(sampled)
-            self._append(seq, token, lp, now)
+            tokens_c, logprobs_c = next(sampled)
+            for token, lp in zip(tokens_c, logprobs_c, strict=True):  # token by token: stop at the first stop
+                self._append(seq, token, lp, now)
+                if seq.is_finished:
+                    break
+            if c.spec_tokens and not seq.is_finished:
+                seq.num_computed += len(tokens_c) - 1  # the accepted proposals' K/V were computed
+                self.spec.rollback(seq)
             outputs.append(self._output(seq))
         self.stats["steps"] += 1
         self.stats["postprocess_s"] += time.perf_counter() - t2
+        if self.spec is not None:
+            self.spec.observe(time.perf_counter() - t0)
         return outputs
 
     def _append(self, seq: Sequence, token: int, lp: Any, now: float) -> None:

@@ -124,7 +124,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         bs = self.block_size
         for c in sched.chunks:
-            seq, start, n = c.seq, c.start, c.num_tokens
+            seq, start, n = c.seq, c.start, c.num_tokens + len(c.spec_tokens)
             end = start + n
             table = seq.block_table
             if n == 1:
@@ -132,14 +132,15 @@ class ModelRunner:
                 pos.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
-                ids.extend(seq.tokens(start, end))
+                ids.extend(seq.tokens(start, start + c.num_tokens))
+                ids.extend(c.spec_tokens)
                 p = np.arange(start, end)
                 pos.extend(p.tolist())
                 slots.extend((np.asarray(table)[p // bs] * bs + p % bs).tolist())
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
-            if c.samples:
-                sample_rows.append(qsl[-1] - 1)
+            if c.samples:  # the chunk's last own token, then one row per proposed token to verify
+                sample_rows.extend(range(qsl[-1] - 1 - len(c.spec_tokens), qsl[-1]))
         width = max(-(-s // bs) for s in seq_lens)
         tables = np.zeros((len(seq_lens), width), dtype=np.int32)
         for i, c in enumerate(sched.chunks):
@@ -152,7 +153,7 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
             block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
             query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
-            max_query_len=max(c.num_tokens for c in sched.chunks), max_seq_len=max(seq_lens),
+            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seq_lens))), max_seq_len=max(seq_lens),
         )
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
         positions = torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True)
@@ -169,16 +170,7 @@ class ModelRunner:
         """
         t0 = time.perf_counter()
         sampling = [c.seq for c in sched.chunks if c.samples]
-        n = len(sched.chunks)
-        if self.use_graphs and sched.is_decode and n <= self.max_graph_bs:
-            logits = self._run_graph(sched)
-            if timings is not None:
-                timings["graph_steps"] = timings.get("graph_steps", 0) + 1
-        else:
-            input_ids, positions, meta, rows = self._prepare(sched)
-            self.backend.meta = meta
-            hidden = self.model(input_ids, positions, self.backend)
-            logits = self.model.compute_logits(hidden[rows]) if rows else None
+        logits = self.forward_logits(sched, timings)
         if on_launch is not None:
             on_launch()
         if self.sync_timing and self.device.type == "cuda":
@@ -192,6 +184,19 @@ class ModelRunner:
             timings["forward_s"] = timings.get("forward_s", 0.0) + (t1 - t0)
             timings["sample_s"] = timings.get("sample_s", 0.0) + (t2 - t1)
         return tokens, logprobs
+
+    @torch.inference_mode()
+    def forward_logits(self, sched: SchedulerOutput, timings: dict[str, float] | None = None) -> torch.Tensor | None:
+        """The step's forward; logits [R, V] of the rows that sample, in chunk order (1 + len(spec_tokens) per
+        sampling chunk), or None when no chunk samples. Decode steps replay a CUDA graph when one is captured."""
+        if self.use_graphs and sched.is_decode and len(sched.chunks) <= self.max_graph_bs:
+            if timings is not None:
+                timings["graph_steps"] = timings.get("graph_steps", 0) + 1
+            return self._run_graph(sched)
+        input_ids, positions, meta, rows = self._prepare(sched)
+        self.backend.meta = meta
+        hidden = self.model(input_ids, positions, self.backend)
+        return self.model.compute_logits(hidden[rows]) if rows else None
 
     # ----- CUDA graphs -----
     def _capture_all(self) -> None:

@@ -8,6 +8,7 @@ preemptive policy a full batch also gives way to better-ranked waiting requests 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmstack.engine.block_manager import BlockManager
@@ -20,6 +21,7 @@ class ScheduledChunk:
     seq: Sequence
     start: int  # first position computed this step (= seq.num_computed before the step)
     num_tokens: int
+    spec_tokens: list[int] = field(default_factory=list)  # proposed tokens verified after the chunk's own
 
     @property
     def samples(self) -> bool:
@@ -38,7 +40,7 @@ class SchedulerOutput:
 
     @property
     def is_decode(self) -> bool:
-        return all(c.num_tokens == 1 for c in self.chunks)
+        return all(c.num_tokens == 1 and not c.spec_tokens for c in self.chunks)
 
 
 class Scheduler:
@@ -51,6 +53,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.step_count = 0
         self.num_preemptions = 0
+        # Called when a request's blocks are freed (preempted, finished, aborted): a draft model frees its own.
+        self.release_hooks: list[Callable[[Sequence], None]] = []
 
     def add(self, seqs: list[Sequence]) -> None:
         self.policy.on_arrival(seqs)
@@ -121,13 +125,18 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq)
+        self._release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(seq)
         out.preempted.append(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        for hook in self.release_hooks:
+            hook(seq)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests in policy order (the list is sorted) while budget, slots and blocks last."""
@@ -150,7 +159,7 @@ class Scheduler:
         """Retire a request (done or aborted) and return its blocks to the pool."""
         seq.status = Status.FINISHED
         seq.finish_reason = reason
-        self.blocks.release(seq)
+        self._release(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -34,10 +34,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--starvation-steps", type=int,
                         help="ltr/mlfq: steps a request may wait before it is given priority (default 256)")
     parser.add_argument("--quantum", type=int, help="ltr: steps of priority a starved request gets (default 64)")
+    parser.add_argument("--speculative", choices=["draft", "ngram"],
+                        help="speculative decoding: a draft model (--spec-model) or n-gram prompt lookup")
+    parser.add_argument("--spec-model", help="draft: the smaller model, with the target's tokenizer")
+    parser.add_argument("--spec-k", default="smart", type=spec_k,
+                        help="tokens proposed per step: 'smart' (SmartSpec picks 0..--spec-max-k each step) or N")
+    parser.add_argument("--spec-max-k", type=int, help="longest proposal SmartSpec considers (default 5)")
+    parser.add_argument("--spec-profile",
+                        help="SmartSpec warm start: a profile JSON (written by `lmstack bench smartspec`)")
     parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (413 over it)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish after SIGTERM")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def spec_k(text: str) -> int | str:
+    """--spec-k: 'smart' or a non-negative integer."""
+    if text == "smart":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"must be 'smart' or an integer >= 0, got {text!r}")
+    return k
+
+
+def speculative_options(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig settings of the --spec-* flags (EngineConfig rejects them without --speculative)."""
+    if args.speculative is None:
+        given = [f for f in ("spec_model", "spec_max_k", "spec_profile") if getattr(args, f) is not None]
+        if given or args.spec_k != "smart":
+            raise LmstackError("--spec-* flags need --speculative draft|ngram")
+        return {}
+    options = {"speculative": args.speculative, "spec_k": args.spec_k}
+    for name in ("spec_model", "spec_max_k", "spec_profile"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    return options
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -67,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from lmstack.engine.llm import LLM
     from lmstack.server.app import create_app
 
-    engine_config: dict[str, Any] = {"policy": args.policy, "policy_options": policy_options(args)}
+    engine_config: dict[str, Any] = {"policy": args.policy, "policy_options": policy_options(args),
+                                     **speculative_options(args)}
     for key in ("max_num_seqs", "max_model_len", "num_kv_blocks"):
         if getattr(args, key) is not None:
             engine_config[key] = getattr(args, key)

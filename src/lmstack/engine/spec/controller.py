@@ -1,0 +1,307 @@
+"""How many tokens to propose each step: a fixed k, or SmartSpec's goodput-maximizing k (arXiv 2406.14066).
+
+Speculation pays when proposals are often accepted and verifying k extra tokens per request costs little;
+under load (the batch is already compute-bound) or with poor acceptance it costs more than it saves.
+SmartSpec weighs both every step: for each k in 0..K it predicts
+
+    goodput(k) = sum over requests of (1 - a^(k+1)) / (1 - a)   /   predicted step time(k)
+
+where a is the request's acceptance rate, so the numerator is the expected number of tokens the request
+emits, and picks the best k (k = 0 is plain decoding: one token per request).
+
+- Acceptance: an exponential moving average of accepted / tested proposal tokens, globally and per request
+  (a request's own average is shrunk toward the global one while it has few observations). A proposal of
+  k tokens of which a were accepted tested a + 1 tokens (a when all were accepted).
+- Step time: a linear model of measured step times on (batched tokens, KV tokens, draft forwards, draft
+  tokens), fitted by non-negative least squares on relative error from recent steps, kept per (k, batch
+  size) so that rarely chosen k values are not forgotten, and refitted every few steps. Hardware is not
+  always linear (on CPU a 2-row matrix product can cost twice a 1-row one), so each (k, decode batch size)
+  group that has been measured also corrects the model by its median ratio of measured to predicted time.
+  It can be warm-started from a profile file written by an earlier run.
+- Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
+  for a long stretch, one step proposes a single token so that acceptance estimates stay current. A k no
+  step has used yet is predicted by the linear model alone; once chosen, it is measured and corrected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmstack.errors import LmstackError
+
+FEATURES = ("intercept", "batched_tokens", "kv_tokens", "draft_forwards", "draft_tokens")
+PROFILE_VERSION = 2
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens one verification emits for k proposals accepted independently with probability alpha."""
+    if k <= 0:
+        return 1.0
+    if alpha >= 1.0 - 1e-9:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class StepShape:
+    """What a step is made of before speculation: the controller adds each candidate k on top of it.
+
+    `caps[i]` is the most tokens decode request i may propose (remaining output budget, context window);
+    `keys[i]` identifies it for its acceptance rate. Chunks that sample but do not decode (the last
+    prefill chunk of a prompt) emit one token whatever k is.
+    """
+
+    batched_tokens: int
+    kv_tokens: int
+    num_other_samples: int
+    keys: list[Any]
+    caps: list[int]
+
+
+def step_features(batched_tokens: int, kv_tokens: int, draft_forwards: int, draft_tokens: int) -> np.ndarray:
+    return np.array([1.0, batched_tokens, kv_tokens, draft_forwards, draft_tokens], dtype=np.float64)
+
+
+def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin ||(x c - y) / y|| over c >= 0: exact NNLS by trying every support (5 features: 31 subsets).
+
+    Relative error, so that cheap decode steps are fitted as well as long prefills; non-negative, since no
+    extra token makes a step faster.
+    """
+    w = 1.0 / np.maximum(y, 1e-9)
+    xw, yw = x * w[:, None], y * w
+    best, best_err = np.zeros(x.shape[1]), float(np.sum(yw**2))
+    for size in range(1, x.shape[1] + 1):
+        for cols in itertools.combinations(range(x.shape[1]), size):
+            c, *_ = np.linalg.lstsq(xw[:, cols], yw, rcond=None)
+            if np.all(c >= 0):
+                err = float(np.sum((xw[:, cols] @ c - yw) ** 2))
+                if err < best_err:
+                    best, best_err = np.zeros(x.shape[1]), err
+                    best[list(cols)] = c
+    return best
+
+
+class Acceptance:
+    """Online acceptance rates: discounted sums of accepted and tested tokens, global and per request."""
+
+    def __init__(self, prior: float = 0.5, global_decay: float = 0.98, request_decay: float = 0.8,
+                 shrink: float = 2.0) -> None:
+        self.accepted, self.tested = prior * shrink, shrink
+        self.global_decay, self.request_decay, self.shrink = global_decay, request_decay, shrink
+        self.per_request: dict[Any, tuple[float, float]] = {}
+        self.total_proposed = self.total_accepted = self.total_tested = 0
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.tested
+
+    def of(self, key: Any) -> float:
+        a, t = self.per_request.get(key, (0.0, 0.0))
+        return (a + self.shrink * self.rate) / (t + self.shrink)
+
+    def observe(self, key: Any, proposed: int, accepted: int) -> None:
+        if proposed <= 0:
+            return
+        tested = accepted + (accepted < proposed)
+        self.accepted = self.global_decay * self.accepted + accepted
+        self.tested = self.global_decay * self.tested + tested
+        a, t = self.per_request.get(key, (0.0, 0.0))
+        self.per_request[key] = (self.request_decay * a + accepted, self.request_decay * t + tested)
+        self.total_proposed += proposed
+        self.total_accepted += accepted
+        self.total_tested += tested
+
+    def forget(self, key: Any) -> None:
+        self.per_request.pop(key, None)
+
+
+def size_bucket(num_decodes: int) -> int:
+    """Decode batch sizes grouped by powers of two: 0 (no decode), 1, 2-3, 4-7, 8-15, ..."""
+    return num_decodes.bit_length()
+
+
+Sample = tuple[int, np.ndarray, float]  # (decode requests, features, seconds)
+
+
+class Controller:
+    """Chooses k per step and records what each step cost; subclasses decide the choice."""
+
+    def __init__(self, max_k: int, draft_forwards: bool, window: int = 32) -> None:
+        self.max_k = max_k
+        self.draft_forwards = draft_forwards  # the proposer runs a model: k forwards of it per step
+        self.acceptance = Acceptance()
+        self.samples: dict[tuple[int, int], deque[Sample]] = {}  # by (k, size bucket), the latest `window`
+        self.window = window
+        self.steps = 0
+        self.chosen: dict[int, int] = {}  # k -> steps whose longest proposal had k tokens
+
+    def choose(self, shape: StepShape) -> int:
+        raise NotImplementedError
+
+    def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
+        """A finished step: its longest proposal, decode requests, features and wall time."""
+        key = (k, size_bucket(num_decodes))
+        self.samples.setdefault(key, deque(maxlen=self.window)).append((num_decodes, features, seconds))
+        self.steps += 1
+        self.chosen[k] = self.chosen.get(k, 0) + 1
+
+    def observe_acceptance(self, key: Any, proposed: int, accepted: int) -> None:
+        self.acceptance.observe(key, proposed, accepted)
+
+    def forget(self, key: Any) -> None:
+        self.acceptance.forget(key)
+
+    def features(self, shape: StepShape, k: int) -> np.ndarray:
+        """Predicted features of the step if every request proposes min(k, its cap) tokens."""
+        ks = [min(k, c) for c in shape.caps]
+        extra = sum(ks)
+        forwards = max(ks, default=0) if self.draft_forwards else 0
+        return step_features(shape.batched_tokens + extra, shape.kv_tokens + extra, forwards,
+                             extra if self.draft_forwards else 0)
+
+    # ----- profiles -----
+    def profile(self) -> dict[str, Any]:
+        """Everything a later run needs to start from this one's measurements (see `merge_profiles`)."""
+        a = self.acceptance
+        rows = [[k, n, *f.tolist(), t] for (k, _), q in sorted(self.samples.items()) for n, f, t in q]
+        return {"version": PROFILE_VERSION, "features": list(FEATURES), "acceptance": a.rate,
+                "accepted_tokens": a.total_accepted, "tested_tokens": a.total_tested, "samples": rows}
+
+    def load_profile(self, profile: dict[str, Any]) -> None:
+        if profile.get("version") != PROFILE_VERSION or profile.get("features") != list(FEATURES):
+            raise LmstackError(f"the speculation profile has version {profile.get('version')!r} and features "
+                               f"{profile.get('features')!r}; expected version {PROFILE_VERSION} with {FEATURES}")
+        for k, n, *feats, t in profile.get("samples", []):
+            if int(k) <= self.max_k:
+                key = (int(k), size_bucket(int(n)))
+                self.samples.setdefault(key, deque(maxlen=self.window)).append((int(n), np.array(feats, float), t))
+        rate = float(profile.get("acceptance", 0.5))
+        self.acceptance.accepted = min(max(rate, 0.0), 1.0) * self.acceptance.tested
+
+
+class FixedK(Controller):
+    """Always k (capped per request); k = 0 runs the speculative path without proposing."""
+
+    def __init__(self, k: int, max_k: int, draft_forwards: bool) -> None:
+        super().__init__(max_k, draft_forwards)
+        self.k = k
+
+    def choose(self, shape: StepShape) -> int:
+        return self.k
+
+
+class SmartSpec(Controller):
+    """Each step, the k in 0..K with the best predicted goodput (see the module docstring)."""
+
+    def __init__(self, max_k: int, draft_forwards: bool, refit_every: int = 16, explore_every: int = 64,
+                 min_samples: int = 2, window: int = 32) -> None:
+        super().__init__(max_k, draft_forwards, window)
+        self.refit_every = refit_every
+        self.explore_every = explore_every
+        self.min_samples = min_samples
+        self.coef: np.ndarray | None = None
+        self.correction: dict[tuple[int, int], float] = {}  # (k, size bucket) -> median measured / predicted
+        self._since_fit = 0
+        self._zero_streak = 0
+        self._cycle = 0
+
+    def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
+        super().observe_step(k, num_decodes, features, seconds)
+        self._since_fit += 1
+        if self.coef is None or self._since_fit >= self.refit_every:
+            self.refit()
+
+    def load_profile(self, profile: dict[str, Any]) -> None:
+        super().load_profile(profile)
+        self.refit()
+
+    def refit(self) -> None:
+        """Fit the latency model once enough proposal lengths were measured; until then `coef` stays None.
+
+        The model is linear in k, so three measured lengths (all of them when K < 2) pin it down.
+        """
+        self._since_fit = 0
+        counts: dict[int, int] = {}
+        for (k, _), q in self.samples.items():
+            counts[k] = counts.get(k, 0) + len(q)
+        if sum(n >= self.min_samples for n in counts.values()) < min(3, self.max_k + 1):
+            return
+        rows = [(f, t) for q in self.samples.values() for _, f, t in q]
+        self.coef = fit_nonnegative(np.stack([f for f, _ in rows]), np.array([t for _, t in rows]))
+        self.correction = {}
+        for key, q in self.samples.items():
+            if len(q) >= self.min_samples:
+                self.correction[key] = float(np.median([t / max(float(f @ self.coef), 1e-9) for _, f, t in q]))
+
+    def predict(self, features: np.ndarray, k: int = 0, num_decodes: int = 0) -> float:
+        """Seconds of a step with these features, corrected by its (k, batch size) group when measured."""
+        if self.coef is None:
+            raise RuntimeError("the latency model is not fitted yet")
+        linear = max(float(features @ self.coef), 1e-9)
+        return linear * self.correction.get((k, size_bucket(num_decodes)), 1.0)
+
+    def goodput(self, shape: StepShape, k: int) -> float:
+        """Predicted tokens per second of the step at proposal length k."""
+        tokens = shape.num_other_samples + sum(
+            expected_tokens(self.acceptance.of(key), min(k, cap)) for key, cap in zip(shape.keys, shape.caps,
+                                                                                      strict=True))
+        k_eff = max((min(k, c) for c in shape.caps), default=0)
+        return tokens / self.predict(self.features(shape, k), k_eff, len(shape.caps))
+
+    def choose(self, shape: StepShape) -> int:
+        if not shape.caps or max(shape.caps) == 0:
+            return 0
+        if self.coef is None:  # measuring: cycle through every k
+            self._cycle += 1
+            return self._cycle % (self.max_k + 1)
+        scores = [self.goodput(shape, k) for k in range(self.max_k + 1)]
+        k = int(np.argmax(scores))
+        self._zero_streak = self._zero_streak + 1 if k == 0 else 0
+        if self._zero_streak >= self.explore_every:
+            self._zero_streak = 0
+            return 1
+        return k
+
+
+def make_controller(spec_k: int | str, max_k: int, draft_forwards: bool,
+                    profile: str | Path | None = None) -> Controller:
+    """`spec_k` "smart" or a fixed integer; `profile` (a JSON file written by `save_profile`) warm-starts it."""
+    controller: Controller = (SmartSpec(max_k, draft_forwards) if spec_k == "smart"
+                              else FixedK(int(spec_k), max_k, draft_forwards))
+    if profile is not None:
+        controller.load_profile(read_profile(profile))
+    return controller
+
+
+def read_profile(path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmstackError(f"cannot read the speculation profile {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise LmstackError(f"the speculation profile {path} is not a JSON object")
+    return data
+
+
+def merge_profiles(profiles: Seq[dict[str, Any]], **meta: Any) -> dict[str, Any]:
+    """Several profiles (e.g. one per benchmark run) as one: all samples, acceptance over all tested tokens."""
+    tested = sum(p.get("tested_tokens", 0) for p in profiles)
+    accepted = sum(p.get("accepted_tokens", 0) for p in profiles)
+    return {"version": PROFILE_VERSION, "features": list(FEATURES), **meta,
+            "acceptance": accepted / tested if tested else 0.5, "accepted_tokens": accepted,
+            "tested_tokens": tested, "samples": [row for p in profiles for row in p.get("samples", [])]}
+
+
+def save_profile(profile: dict[str, Any], path: str | Path) -> None:
+    """Write a profile for `spec_profile` / `--spec-profile` to warm-start SmartSpec."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(profile) + "\n", encoding="utf-8")
