@@ -210,8 +210,11 @@ def test_cli_build_train_eval(tmp_path: Path, tiny_encoder: Path, tiny_tokenizer
     result = json.loads(out.read_text())
     m = result["metrics"]
     for key in ("kendall_tau", "kendall_tau_per_list", "kendall_tau_prompt_len", "kendall_tau_bucket_classifier",
-                "kendall_tau_bucket_classifier_argmax", "ranker_ms_per_prompt_batch1", "ranker_ms_per_prompt_batch32"):
+                "ranker_ms_per_prompt_batch1", "ranker_ms_per_prompt_batch32"):
         assert isinstance(m[key], float), key
+    # A barely trained classifier may put every prompt in one bucket: its argmax tau is undefined, written null.
+    assert m["kendall_tau_bucket_classifier_argmax"] is None or isinstance(m["kendall_tau_bucket_classifier_argmax"],
+                                                                           float)
     assert m["kendall_tau_bucket_classifier_again"] == m["kendall_tau_bucket_classifier"]
     assert m["num_test_prompts"] == 64 and m["kendall_tau"] > 0.3
     assert result["command"].startswith("lmstack ltr eval --data")
