@@ -81,7 +81,7 @@ def _wait_scored(policy: LearnedRankPolicy, n: int) -> None:
 
 
 def _ltr(scores: dict[str, float], **options: object) -> LearnedRankPolicy:
-    return LearnedRankPolicy(ranker=TableScorer(scores), device="cpu", **options)
+    return LearnedRankPolicy(ranker=TableScorer(scores), device="cpu", threaded=True, **options)
 
 
 # ----- oracle-sjf -----
@@ -135,7 +135,7 @@ def test_ltr_scores_once_in_batches_off_the_step() -> None:
     """Requests wait (unadmitted) for their score; the step itself never blocks on the ranker."""
     gate = threading.Event()
     scorer = TableScorer({f"p{i}": float(i) for i in range(6)}, gate=gate)
-    policy = LearnedRankPolicy(ranker=scorer, device="cpu", batch_size=8)
+    policy = LearnedRankPolicy(ranker=scorer, device="cpu", batch_size=8, threaded=True)
     sched = _sched(policy, max_num_seqs=8)
     sched.add([_seq(i, 2) for i in range(6)])
     start = time.perf_counter()
@@ -206,6 +206,21 @@ def test_ltr_once_starved_request_keeps_its_slot() -> None:
     sched.add([_seq(2, 3, prompt="p1")])  # a better-ranked newcomer
     _wait_scored(policy, 3)
     assert not _step(sched).preempted and sched.running[0].request_id == "0"
+    policy.close()
+
+
+def test_ltr_on_cpu_scores_arrivals_inline_at_the_next_step() -> None:
+    # No scorer thread on a CPU ranker: a second thread running torch slows every OpenMP region of the engine.
+    scorer = TableScorer({"p0": 5.0, "p1": 1.0, "p2": 3.0})
+    policy = LearnedRankPolicy(ranker=scorer, device="cpu", batch_size=8)
+    assert policy.scorer._thread is None
+    sched = _sched(policy, max_num_seqs=1)
+    sched.add([_seq(0, 2), _seq(1, 2), _seq(2, 2)])
+    assert scorer.calls == []  # nothing scored on arrival
+    out = _step(sched)
+    assert scorer.calls == [["p0", "p1", "p2"]]  # one batch, at the start of the step
+    assert [c.seq.request_id for c in out.chunks] == ["1"]  # and admitted in that same step, best ranked first
+    assert _drain(sched) == ["1", "2", "0"]
     policy.close()
 
 
@@ -414,7 +429,7 @@ def test_ltr_with_a_real_length_ranker(tmp_path) -> None:
                TrainConfig(epochs=5, list_size=16, lr=1e-3, head_lr=3e-3))
     ranker.save(tmp_path / "ranker")
 
-    policy = make_policy("ltr", ranker=str(tmp_path / "ranker"), device="cpu")
+    policy = make_policy("ltr", ranker=str(tmp_path / "ranker"), device="cpu", threaded=True)
     sched = _sched(policy, max_num_seqs=1)
     seqs = [_seq(i, 2, prompt=example(1000 + i).prompt) for i in range(9)]  # styles long, short, ... interleaved
     sched.add(seqs)

@@ -2,9 +2,13 @@
 
 Exact output lengths cannot be predicted, but their order can, and ordering by a learned rank approximates
 shortest-job-first, which cuts head-of-line blocking. Each request is scored once, when it arrives, by a
-`LengthRanker` (higher score = longer predicted output) in a background thread that scores whatever has
-arrived in one batch, so the engine step never waits for the predictor: a request with no score yet simply
-stays in the queue until its score lands (only an otherwise idle engine waits for it, briefly).
+`LengthRanker` (higher score = longer predicted output), whatever has arrived scored in one batch. On a GPU
+that runs in a background thread on its own CUDA stream, so the engine step never waits for the predictor: a
+request with no score yet simply stays in the queue until its score lands (only an otherwise idle engine waits
+for it, briefly). On a CPU there is no idle hardware to hide it on, and a second thread running torch makes
+every OpenMP parallel region of the engine slower (measured: +75% step time on 2 cores, as OpenMP stops
+spinning once it has more threads than cores), so there the arrivals are scored at the start of the next
+scheduling step, on the engine thread.
 
 Waiting and running requests are ordered by score; the batch is kept to the best-ranked requests (a new short
 request takes the slot of the longest-ranked running one, which is recomputed later), and under memory
@@ -67,10 +71,10 @@ class ScorerStats:
     busy_s: float = 0.0
 
 
-class BackgroundScorer:
-    """Scores queued prompts in batches on its own thread; `wait(timeout)` returns when a batch lands."""
+class BatchScorer:
+    """Scores queued prompts in batches: on its own thread (`threaded`), or when `score_pending` is called."""
 
-    def __init__(self, scorer: Scorer, batch_size: int, device: str) -> None:
+    def __init__(self, scorer: Scorer, batch_size: int, device: str, threaded: bool) -> None:
         self.scorer = scorer
         self.batch_size = batch_size
         self.device = device
@@ -79,16 +83,25 @@ class BackgroundScorer:
         self._queue: deque[tuple[Sequence, _State]] = deque()
         self._in_flight = 0  # prompts taken off the queue and being scored
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="lmstack-ltr-scorer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="lmstack-ltr-scorer", daemon=True)
+            self._thread.start()
 
     def submit(self, items: list[tuple[Sequence, _State]]) -> None:
         with self._cond:
             self._queue.extend(items)
             self._cond.notify_all()
 
+    def score_pending(self) -> None:
+        """Inline mode: score everything queued now, in batches; a no-op when a thread does the scoring."""
+        while self._thread is None and self._queue:
+            self._score([self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))], None)
+
     def wait(self, timeout: float) -> None:
         """Block until the batch being scored lands (at most `timeout` s); return at once when nothing is."""
+        if self._thread is None:
+            return
         with self._cond:
             if self._queue or self._in_flight:
                 self._cond.wait(timeout)
@@ -97,7 +110,8 @@ class BackgroundScorer:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         # On CUDA the ranker runs on its own stream, so its kernels overlap the engine's instead of queueing.
@@ -168,7 +182,9 @@ class LearnedRankPolicy(Policy):
     preemptive = True
 
     def __init__(self, ranker: str | Path | Scorer | None = None, device: str = "auto", batch_size: int = 32,
-                 starvation_steps: int = 256, quantum: int = 64, preempt: bool = True) -> None:
+                 starvation_steps: int = 256, quantum: int = 64, preempt: bool = True,
+                 threaded: bool | None = None) -> None:
+        """`threaded`: score on a background thread (default: when the ranker runs on CUDA; see the module doc)."""
         if ranker is None:
             raise LmstackError("the ltr policy needs a trained ranker: pass --ranker PATH (a folder written by "
                                "`lmstack ltr train`)")
@@ -181,7 +197,8 @@ class LearnedRankPolicy(Policy):
         self.starvation_steps = starvation_steps
         self.quantum = quantum
         self.preemptive = preempt
-        self.scorer = BackgroundScorer(scorer, batch_size, self.device)
+        threaded = self.device.startswith("cuda") if threaded is None else threaded
+        self.scorer = BatchScorer(scorer, batch_size, self.device, threaded)
         self._states: dict[Sequence, _State] = {}
 
     @property
@@ -216,6 +233,7 @@ class LearnedRankPolicy(Policy):
         self.scorer.submit(items)
 
     def on_step(self, step: int, waiting: list[Sequence], running: list[Sequence]) -> None:
+        self.scorer.score_pending()
         for seq in waiting:
             state = self._states.get(seq)
             if state is None or state.tier == _PENDING:

@@ -25,12 +25,12 @@ CRITERIA: dict[str, str] = {
 ANNOTATE_SYSTEM = (
     "You rate a user prompt on seven criteria; each is true if the prompt meets it, else false.\n"
     + "\n".join(f"- {k}: {v}" for k, v in CRITERIA.items())
-    + "\nReply with only a JSON object with these seven keys and true/false values, like:\n"
-    + json.dumps(dict.fromkeys(CRITERIA, False))
+    + "\nDecide each criterion on its own. Reply with only a JSON object with these seven keys, each true or "
+    "false:\n{" + ", ".join(f'"{k}": <true or false>' for k in CRITERIA) + "}"
 )
 ANNOTATE_USER = "Prompt to rate:\n<prompt>\n{prompt}\n</prompt>\n\nYour JSON:"
 ANNOTATE_REASK = ("That was not one JSON object with exactly the seven keys and true/false values. Reply again "
-                  "with only the JSON object, for example: " + json.dumps({k: True for k in CRITERIA}))
+                  "with only the JSON object: {" + ", ".join(f'"{k}": <true or false>' for k in CRITERIA) + "}")
 
 CLUSTER_NAME_SYSTEM = ("You name topic clusters of user prompts. Reply with a short topic name of 2 to 6 words "
                        "and nothing else.")
