@@ -135,6 +135,8 @@ def rebuild_from_log(log: Path, device_label: str) -> Path:
     import json
     import shlex
 
+    from lmstack.atomic import write_text_atomic
+
     records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not records:
         raise SystemExit(f"{log} holds no finished run")
@@ -161,9 +163,7 @@ def rebuild_from_log(log: Path, device_label: str) -> Path:
               "plot": str(png) if drawn else None,
               "note": "rebuilt from the run log by `python -m lmstack.bench.policy_summary LOG.jsonl DEVICE`; "
                       "runs missing from the log were not finished"}
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
     print_table(metrics, out)
     return out
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from lmstack.atomic import write_text_atomic
 from lmstack.errors import LmstackError
 
 FEATURES = ("intercept", "batched_tokens", "kv_tokens", "draft_forwards", "draft_tokens")
@@ -303,5 +304,4 @@ def merge_profiles(profiles: Seq[dict[str, Any]], **meta: Any) -> dict[str, Any]
 
 def save_profile(profile: dict[str, Any], path: str | Path) -> None:
     """Write a profile for `spec_profile` / `--spec-profile` to warm-start SmartSpec."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(profile) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(profile) + "\n")
