@@ -15,7 +15,6 @@ with `--num-kv-blocks`) as a deployment sized for its latency target would.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shlex
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 from lmstack.bench.policy_replay import ReplayRequest, replay, summarize
 from lmstack.bench.results import cli_command, device_name, write_results
+from lmstack.bench.runlog import append_run, poisson_offsets, read_runs
 from lmstack.engine.policies import POLICIES, make_policy
 from lmstack.errors import LmstackError
 
@@ -135,12 +135,6 @@ def load_requests(args: argparse.Namespace, tokenizer: Any, n: int) -> tuple[lis
     return [ReplayRequest(r.prompt, r.prompt_token_ids, r.output_len) for r in sampled], "ShareGPT sample"
 
 
-def poisson_offsets(n: int, rate: float, seed: int) -> list[float]:
-    """Arrival times (s) of a Poisson process: the same for every policy at a given rate and seed."""
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
-    return [float(t) for t in np.cumsum(gaps) - gaps[0]]
-
-
 def sweep_order(rates: list[float], capacity: float | None) -> list[float]:
     """Sustainable rates from the highest down (the headline comes first), then the overloaded ones."""
     ok = sorted((r for r in rates if capacity is None or r <= capacity), reverse=True)
@@ -148,29 +142,9 @@ def sweep_order(rates: list[float], capacity: float | None) -> list[float]:
 
 
 def _read_log(path: Path, config: dict[str, Any], ranker: str | None) -> dict[tuple[str, str], dict[str, Any]]:
-    """Finished runs of this exact configuration, ltr runs only with this ranker (a torn last line is ignored)."""
-    done: dict[tuple[str, str], dict[str, Any]] = {}
-    if not path.is_file():
-        return done
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):  # a record torn by a crash: drop it, so the next one starts a line
-        with path.open("r+", encoding="utf-8") as f:
-            f.truncate(len(text[:text.rfind("\n") + 1].encode("utf-8")))
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("config") == config and (rec["policy"] != "ltr"
-                                                                      or rec.get("ranker") == ranker):
-            done[rec["scenario"], rec["policy"]] = rec
-    return done
-
-
-def _append_log(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """Finished runs of this exact configuration, ltr runs only with this ranker."""
+    runs = read_runs(path, lambda r: r.get("config") == config and (r["policy"] != "ltr" or r.get("ranker") == ranker))
+    return {(r["scenario"], r["policy"]): r for r in runs}
 
 
 class _Runner:
@@ -227,7 +201,7 @@ class _Runner:
         record = {"config": self.config, "scenario": scenario, "rate": rate, "policy": policy_name,
                   "ranker": self.args.ranker if policy_name == "ltr" else None,
                   "metrics": metrics, "finish_s": [round(t, 4) for t in sorted(result.finish)]}
-        _append_log(self.log, record)
+        append_run(self.log, record)
         self.done[scenario, policy_name] = record
         print(f"  {scenario:<12} {policy_name:<11} mean E2E {metrics['mean_e2e_ms'] / 1e3:8.2f} s  "
               f"p90 {metrics['p90_e2e_ms'] / 1e3:8.2f} s  TTFT {metrics['mean_ttft_ms'] / 1e3:7.2f} s  "

@@ -22,7 +22,6 @@ log next to the results, so an interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from lmstack.bench.results import cli_command, device_name, write_results
+from lmstack.bench.runlog import append_run, poisson_offsets, read_runs
 from lmstack.errors import LmstackError
 
 # Defaults sized to finish in about 15 minutes on 2 CPU cores; the lowest rate has requests rarely overlapping.
@@ -142,12 +142,6 @@ def _prompts(args: argparse.Namespace, llm: Any) -> list[list[int]]:
     return ids
 
 
-def poisson_offsets(n: int, rate: float, seed: int) -> list[float]:
-    """Arrival times (s) of a Poisson process starting at 0: the same for every policy at a given rate."""
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
-    return [float(t) for t in np.cumsum(gaps) - gaps[0]]
-
-
 def replay(engine: Any, prompts: list[list[int]], offsets: list[float], params: Any, tag: str) -> dict[str, Any]:
     """Add each request at its arrival time, step the engine as fast as it goes; per-request timings."""
     if engine.has_unfinished:
@@ -187,25 +181,6 @@ def replay(engine: Any, prompts: list[list[int]], offsets: list[float], params: 
             "output_tokens": n_tokens, "makespan_s": max(finish.values()) - start, "steps": steps,
             "mean_step_ms": 1e3 * step_s / max(steps, 1), "tokens_per_step": n_tokens / max(steps, 1),
             "tokens": [tokens[i] for i in range(n)]}
-
-
-def _read_log(path: Path, config: dict[str, Any]) -> dict[tuple[float, str], dict[str, Any]]:
-    """Finished runs of this exact configuration (a torn last line is dropped)."""
-    done: dict[tuple[float, str], dict[str, Any]] = {}
-    if not path.is_file():
-        return done
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        with path.open("r+", encoding="utf-8") as f:
-            f.truncate(len(text[: text.rfind("\n") + 1].encode("utf-8")))
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("config") == config:
-            done[rec["rate"], rec["policy"]] = rec
-    return done
 
 
 def summarize(runs: dict[tuple[float, str], dict[str, Any]], rates: list[float],
@@ -295,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         output.with_suffix(".profile.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     config = {k: getattr(args, k) for k in _OPTIONS if k != "policies"}
-    done = _read_log(log, config)
+    done = {(r["rate"], r["policy"]): r for r in read_runs(log, lambda r: r.get("config") == config)}
     max_model_len = args.max_prompt_len + args.max_tokens + 8
     block_size = 16
     # Room for every running request at full length (plus proposals) and no more: two models share the memory.
@@ -338,8 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if ref is not None and name != "nospec":
                 metrics["requests_differing_from_nospec"] = sum(
                     a != b for a, b in zip(metrics["tokens"], ref["metrics"]["tokens"], strict=True))
-            with log.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_run(log, record)
             done[rate, name] = record
             print(f"  rate {rate:<7g} {name:<7} mean latency {metrics['mean_latency_s']:8.2f} s  "
                   f"p90 {metrics['p90_latency_s']:8.2f} s  tokens/step {metrics['tokens_per_step']:5.2f}  "

@@ -1,0 +1,45 @@
+"""What replay benchmarks share: seeded Poisson arrivals, and the append-only log of finished runs.
+
+Each finished run is one JSON line, so a benchmark that was stopped resumes where it was and never loses a
+finished run; a line torn by a crash is cut off before the next record is appended.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def poisson_offsets(n: int, rate: float, seed: int) -> list[float]:
+    """Arrival times (s) of a Poisson process starting at 0: the same for every policy at a given rate and seed."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
+    return [float(t) for t in np.cumsum(gaps) - gaps[0]]
+
+
+def read_runs(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The logged records that `keep` accepts (e.g. those of this exact configuration), in order."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):  # a record torn by a crash: drop it, so the next one starts a line
+        with path.open("r+", encoding="utf-8") as f:
+            f.truncate(len(text[:text.rfind("\n") + 1].encode("utf-8")))
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and keep(rec):
+            out.append(rec)
+    return out
+
+
+def append_run(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
