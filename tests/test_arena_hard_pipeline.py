@@ -133,6 +133,13 @@ def test_torn_last_line_is_redone(tmp_path: Path) -> None:
     assert [r["question_id"] for r in read_jsonl(final)] == ["q0", "q1"]
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+    rows = [{"prompt": "one\u2028two\x85three\x1cfour"}, {"prompt": "five"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_jsonl(path, allow_torn_tail=False) == rows
+
+
 def test_answers_with_a_real_tiny_model_resume(tmp_path: Path) -> None:
     from lmstack import LLM
     from lmstack.client import LocalClient

@@ -137,7 +137,7 @@ def rebuild_from_log(log: Path, device_label: str) -> Path:
 
     from lmstack.atomic import write_text_atomic
 
-    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").split("\n") if line.strip()]
     if not records:
         raise SystemExit(f"{log} holds no finished run")
     config = records[-1]["config"]

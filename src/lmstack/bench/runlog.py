@@ -29,7 +29,7 @@ def read_runs(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[s
         with path.open("r+", encoding="utf-8") as f:
             f.truncate(len(text[:text.rfind("\n") + 1].encode("utf-8")))
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

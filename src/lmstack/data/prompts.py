@@ -69,11 +69,13 @@ def code_prompts() -> list[str]:
 def wikitext_paragraphs(path: str | Path = WIKITEXT, min_words: int = 40, max_words: int = 120) -> list[str]:
     """Body paragraphs (not headings) of wikitext-2 raw test with a word count in [min_words, max_words]."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").split("\n")  # JSON strings may hold U+2028
     except OSError as e:
         raise LmstackError(f"cannot read the wikitext-2 file {path}: {e}") from None
     out = []
     for line in lines:
+        if not line.strip():
+            continue
         text = json.loads(line).get("text", "").strip()
         if text and not text.startswith("=") and min_words <= len(text.split()) <= max_words:
             out.append(text)

@@ -147,7 +147,7 @@ def read_text(path: str | Path) -> str:
     if ".jsonl" not in path.name:
         return raw
     rows = []
-    for n, line in enumerate(raw.splitlines(), 1):
+    for n, line in enumerate(raw.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -21,7 +21,7 @@ def read_jsonl(path: str | Path, *, allow_torn_tail: bool = True) -> list[dict[s
     """Every JSON object of a file; a malformed line raises, except a torn final line of an appended log."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is valid in JSON text
     except OSError as e:
         raise LmstackError(f"cannot read {path}: {e}") from None
     records: list[dict[str, Any]] = []
