@@ -5,8 +5,9 @@
 #  2. pairwise judgments of gpt-4-0613 and gpt-3.5-turbo-0125 against gpt-4-0314, position-swapped, on the
 #     v0.1 questions, stopped when the call has run BUDGET seconds (default 560): what is finished comes back,
 #     and a rerun on the still-warm machine resumes from $WORK.
-# Needs .carry/ah/ from benchmarks/prepare_arena_carry.sh, with every model part already carried.
-# Writes $OUT/annotations.jsonl, $OUT/<model>.jsonl judgments, $OUT/judge_runs.jsonl and $OUT/gpu_arena_hard.log.
+# STEPS picks the steps (default "annotate judge"), TEMPLATE the judge prompt (default arena-hard). Needs .carry/ah/ from benchmarks/prepare_arena_carry.sh, with every model part already carried.
+# Writes $OUT/annotations.jsonl, $OUT/<template>/<model>.jsonl judgments and judge_runs.jsonl, and
+# $OUT/gpu_arena_hard.log.
 set -uo pipefail
 C=${CARRY:-.carry/ah}
 MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
@@ -25,6 +26,9 @@ if [ ! -f "$GGUF" ]; then
   [ "$(stat -c %s "$GGUF.tmp")" = "$(cat "$C/model.size")" ] || { echo "model parts missing: $(ls "$C/model")"; exit 1; }
   mv "$GGUF.tmp" "$GGUF"
 fi
+STEPS=${STEPS:-annotate judge}
+TEMPLATE=${TEMPLATE:-arena-hard}
+if [[ " $STEPS " == *" annotate "* ]]; then
 python3 - "$MODEL" "$C/data/prompts.jsonl" "$WORK/annotations.jsonl" "${NUM_PROMPTS:-2000}" \
   "${ANNOTATE_BATCH:-512}" "${DEVICE:-cuda}" <<'PY'
 import collections
@@ -39,7 +43,7 @@ model, prompts, out, n, batch, device = sys.argv[1], sys.argv[2], sys.argv[3], i
 items = load_prompts(prompts, n)
 client = make_client(model, device=device, dtype="bfloat16", max_model_len=4096)
 t = time.monotonic()
-# The settings of the planned CPU curate run: 600 characters of each prompt, two re-asks.
+# The settings of benchmarks/results/arena_hard/curate.json: 600 characters of each prompt, two re-asks.
 records = annotate_prompts(client, items, out, AnnotateConfig(max_prompt_chars=600, batch_size=batch), progress=False)
 scores = [r["score"] for r in records]
 print(f"annotated {len(records)} prompts in {time.monotonic() - t:.0f}s; unparsed {scores.count(None)}; "
@@ -47,11 +51,14 @@ print(f"annotated {len(records)} prompts in {time.monotonic() - t:.0f}s; unparse
 PY
 cp "$WORK/annotations.jsonl" "$OUT/"
 echo "annotation done at ${SECONDS}s"
+fi
+[[ " $STEPS " == *" judge "* ]] || exit 0
 timeout "$(( ${BUDGET:-560} - SECONDS ))" python3 -m lmstack.cli arena-hard judge --data "$C/data" --judge "$MODEL" \
-  --models gpt-4-0613 gpt-3.5-turbo-0125 --out "$WORK/model_judgment" ${NUM_QUESTIONS:+--num-questions $NUM_QUESTIONS} \
+  --models gpt-4-0613 gpt-3.5-turbo-0125 --out "$WORK/model_judgment_$TEMPLATE" --template "$TEMPLATE" ${NUM_QUESTIONS:+--num-questions $NUM_QUESTIONS} \
   --max-tokens "${JUDGE_MAX_TOKENS:-1024}" --max-answer-chars "${MAX_ANSWER_CHARS:-6000}" --max-model-len 8192 \
   --batch-size "${JUDGE_BATCH:-512}" --dtype bfloat16 --device "${DEVICE:-cuda}" --no-progress
 echo "judge exit $? at ${SECONDS}s"
-for f in "$WORK/model_judgment/$MODEL"/*.jsonl; do
-  [ -f "$f" ] && cp "$f" "$OUT/" && echo "$(basename "$f"): $(wc -l < "$f") lines"
+mkdir -p "$OUT/$TEMPLATE"
+for f in "$WORK/model_judgment_$TEMPLATE/$MODEL"/*.jsonl; do
+  [ -f "$f" ] && cp "$f" "$OUT/$TEMPLATE/" && echo "$TEMPLATE/$(basename "$f"): $(wc -l < "$f") lines"
 done

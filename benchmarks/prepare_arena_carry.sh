@@ -4,6 +4,7 @@
 # line up with a local curate run: prompt ids are content hashes) and the qwen2.5-coder-1.5b-instruct GGUF cut
 # into 58 MiB parts. A device call carries at most 64 MiB, and carried paths stay while the machine is warm, so
 # the parts go over in back-to-back calls (one part each), the last call carrying data/ and whl/ and running.
+# With DRAFT=1 the qwen2.5-coder-0.5b-instruct GGUF is cut into draft/ too, for benchmarks/gpu_smartspec.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 C=.carry/ah
@@ -27,4 +28,10 @@ PY
 GGUF=$(python3 -c "from lmstack.models.registry import resolve_embedded; print(resolve_embedded('qwen2.5-coder-1.5b-instruct'))")
 split -b 58m -d -a 2 "$GGUF" "$C/model/part"
 stat -c %s "$GGUF" > "$C/model.size"
+if [ -n "${DRAFT:-}" ]; then
+  mkdir -p "$C/draft"
+  GGUF=$(python3 -c "from lmstack.models.registry import resolve_embedded; print(resolve_embedded('qwen2.5-coder-0.5b-instruct'))")
+  split -b 58m -d -a 2 "$GGUF" "$C/draft/part"
+  stat -c %s "$GGUF" > "$C/draft.size"
+fi
 echo "$C ready: $(ls "$C/model" | wc -l) model parts, data $(du -sh "$C/data" | cut -f1)"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lmstack.client import Completion, Conversation, GenParams
+from lmstack.errors import LmstackError
 from lmstack.evals.arena_hard.answer import generate_answers
 from lmstack.evals.arena_hard.files import Question, load_answers, read_jsonl
 from lmstack.evals.arena_hard.judge import JudgeConfig, game_prompt, judge_models
@@ -74,6 +75,16 @@ def test_annotation_parsing() -> None:
     assert parse_annotation('{"title": "x"}') is None
     assert parse_annotation(json.dumps({**full, "extra": True})) is None
     assert parse_annotation("no json here") is None
+
+
+@pytest.mark.parametrize("template", ["arena-hard", "compact"])
+def test_every_judge_template_shows_both_answers_in_order(template: str) -> None:
+    conv, _ = game_prompt("THE QUESTION", "BASE", "MODEL", 1, None, template)
+    user = conv[1]["content"]
+    assert user.index("THE QUESTION") < user.index("MODEL") < user.index("BASE")
+    assert all(label in conv[0]["content"] + user for label in ("[[A>>B]]", "[[A=B]]", "[[B>>A]]"))
+    with pytest.raises(LmstackError, match="unknown judge template"):
+        JudgeConfig("j", "base", template="nope")
 
 
 def test_game_prompt_swaps_positions_once() -> None:
@@ -195,3 +206,32 @@ def test_score_command_on_v01_files(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert result["metrics"]["unparsed_games"] == 4 and result["metrics"]["parse_failure_rate"] == 0.2
     assert plot.stat().st_size > 0 and "parse failures: 4 of 20" in capsys.readouterr().out
     assert main(["arena-hard", "score", "--judgments", str(tmp_path / "nope")]) == 2
+
+
+def test_score_skips_the_judge_run_log(tmp_path: Path) -> None:
+    """`arena-hard judge` logs its runs beside the judgments; scoring that folder must not read it as a model."""
+    from lmstack.cli import main
+    from lmstack.evals.arena_hard.files import JUDGE_RUN_LOG
+
+    judge_models(ScriptedJudge(), QUESTIONS, ANSWERS, ["m1", "m2"], tmp_path, JudgeConfig("j", "base"),
+                 progress=False)
+    (tmp_path / "j" / JUDGE_RUN_LOG).write_text(json.dumps({"command": "lmstack arena-hard judge", "judged_now": 20})
+                                                + "\n")
+    out = tmp_path / "lb.json"
+    assert main(["arena-hard", "score", "--judgments", str(tmp_path / "j"), "--baseline", "base", "--rounds", "5",
+                 "--output", str(out), "--plot", str(tmp_path / "lb.png")]) == 0
+    assert {r["model"] for r in json.loads(out.read_text())["metrics"]["leaderboard"]} >= {"m1", "m2"}
+    assert "judge_runs" not in {r["model"] for r in json.loads(out.read_text())["metrics"]["leaderboard"]}
+
+
+def test_position_bias_of_a_judge_that_always_picks_a() -> None:
+    from lmstack.evals.arena_hard.battles import battles_from_judgments, position_bias
+
+    def rec(qid: str, g1: str, g2: str) -> dict[str, object]:
+        return {"question_id": qid, "model": "m", "games": [{"score": g1}, {"score": g2}]}
+
+    always_a = battles_from_judgments([rec("q0", "A>B", "A>B"), rec("q1", "A>>B", "A>B")], "base")
+    assert position_bias(always_a) == {"position_a_win_share": 1.0, "position_consistency": 0.0, "paired_games": 2}
+    fair = battles_from_judgments([rec("q0", "A>B", "B>A"), rec("q1", "A=B", "A=B"), rec("q2", "B>A", None)],
+                                  "base")
+    assert position_bias(fair) == {"position_a_win_share": 0.4, "position_consistency": 1.0, "paired_games": 2}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LmstackError
-from lmstack.evals.arena_hard.files import iter_judgments
+from lmstack.evals.arena_hard.files import JUDGE_RUN_LOG, iter_judgments
 
 # Verdict label → (outcome for position A: 1 win, 0.5 tie, 0 loss, is it decisive).
 OUTCOMES: dict[str, tuple[float, bool]] = {
@@ -106,6 +106,26 @@ def battles_from_judgments(records: Iterable[dict[str, Any]], baseline: str, dec
     return BattleSet(battles, baseline, games, unparsed)
 
 
+def position_bias(bs: BattleSet) -> dict[str, float | int | None]:
+    """How much the judge's verdicts follow the answer's position rather than the answer, from parsed games.
+
+    `position_a_win_share`: position A's share of wins (ties half); 0.5 for a judge that ignores order, since
+    every model sits in A as often as in B. `position_consistency`: share of (question, model) pairs whose two
+    games agree once the swap is undone (same winner, or a tie in both); 1.0 for an order-blind judge.
+    """
+    if not bs.battles:
+        return {"position_a_win_share": None, "position_consistency": None, "paired_games": 0}
+    seen: dict[tuple[str, str], list[float]] = {}
+    for b in bs.battles:
+        other = b.model_b if b.model_a == bs.baseline else b.model_a
+        base_outcome = b.outcome if b.model_a == bs.baseline else 1.0 - b.outcome
+        seen.setdefault((b.question_id, other), []).append(base_outcome)
+    pairs = [v for v in seen.values() if len(v) == 2]
+    return {"position_a_win_share": sum(b.outcome for b in bs.battles) / len(bs.battles),
+            "position_consistency": sum(v[0] == v[1] for v in pairs) / len(pairs) if pairs else None,
+            "paired_games": len(pairs)}
+
+
 def _style_of(answers: dict[str, dict[str, dict[str, Any]]], model: str, qid: str) -> dict[str, float]:
     try:
         answer = answers[model][qid]
@@ -123,7 +143,8 @@ def load_battles(judgment_dir: str | Path, baseline: str, decisive_weight: float
     if not folder.is_dir():
         raise LmstackError(f"judgment folder {folder} does not exist; point --judgments at "
                            "model_judgment/<judge>/")
-    paths = sorted(folder.glob("*.jsonl")) if models is None else [folder / f"{m}.jsonl" for m in models]
+    paths = (sorted(p for p in folder.glob("*.jsonl") if p.name != JUDGE_RUN_LOG) if models is None
+             else [folder / f"{m}.jsonl" for m in models])
     missing = [str(p) for p in paths if not p.is_file()]
     if missing or not paths:
         raise LmstackError(f"no judgment files to score in {folder}" + (f": missing {', '.join(missing)}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LmstackError
+from lmstack.evals.arena_hard.templates import JUDGE_TEMPLATES
 
 DEFAULT_BASELINE = "gpt-4-0314"
 RESULTS_DIR = Path("benchmarks/results/arena_hard")
@@ -56,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     j.add_argument("--max-tokens", type=int, default=1024)
     j.add_argument("--max-reasks", type=int, default=1, help="re-asks of a game without a verdict label")
     j.add_argument("--max-answer-chars", type=int, help="cut longer answers (with a note the judge sees)")
+    j.add_argument("--template", default="arena-hard", choices=sorted(JUDGE_TEMPLATES),
+                   help="judge prompt: Arena-Hard's (own answer first) or `compact` (for small judges)")
     _common(j)
 
     s = sub.add_parser("score", help="Bradley-Terry leaderboard with bootstrap CIs (ours or Arena-Hard's files)")
@@ -128,13 +131,13 @@ def select_subset(ids: list[str], n: int | None, seed: int) -> set[str]:
 
 
 _JUDGE_OPTIONS = ("data", "judge", "baseline", "out", "num_questions", "subset_seed", "max_tokens", "max_reasks",
-                  "max_answer_chars", "batch_size", "device", "dtype", "max_model_len")
+                  "max_answer_chars", "template", "batch_size", "device", "dtype", "max_model_len")
 
 
 def _judge(args: argparse.Namespace) -> int:
     from lmstack.bench.results import cli_command
     from lmstack.evals.arena_hard.clients import make_client, model_name
-    from lmstack.evals.arena_hard.files import AppendLog, load_answers, load_questions
+    from lmstack.evals.arena_hard.files import JUDGE_RUN_LOG, AppendLog, load_answers, load_questions
     from lmstack.evals.arena_hard.judge import JudgeConfig, judge_models
 
     _positive(args, "max_tokens", "num_questions", "batch_size")
@@ -150,7 +153,8 @@ def _judge(args: argparse.Namespace) -> int:
         answers[m] = load_answers(path)
     judge = model_name(args.judge)
     cfg = JudgeConfig(judge=judge, baseline=args.baseline, max_tokens=args.max_tokens, max_reasks=args.max_reasks,
-                      batch_size=args.batch_size, max_answer_chars=args.max_answer_chars)
+                      batch_size=args.batch_size, max_answer_chars=args.max_answer_chars,
+                      template=args.template)
     client = make_client(args.judge, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
     started = time.monotonic()
     stats = judge_models(client, questions, answers, args.models, args.out, cfg, not args.no_progress)
@@ -158,7 +162,7 @@ def _judge(args: argparse.Namespace) -> int:
                "reasks": stats.reasks, "seconds": round(time.monotonic() - started, 1),
                "questions": len(questions), "judgments": str(Path(args.out) / judge)}
     command = cli_command("arena-hard judge", args, _JUDGE_OPTIONS)
-    runs_path = Path(args.out) / judge / "judge_runs.jsonl"
+    runs_path = Path(args.out) / judge / JUDGE_RUN_LOG
     with AppendLog(runs_path) as log:  # one line per (resumed) run: its command, settings and what it did
         log.write({"command": command, "config": asdict(cfg), **summary})
     print(json.dumps(summary))

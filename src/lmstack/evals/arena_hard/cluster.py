@@ -40,9 +40,10 @@ class TopicModel:
             raise LmstackError(f"{len(docs)} prompts are too few for clusters of at least "
                                f"{self.cfg.min_cluster_size}; use more prompts or a smaller --min-cluster-size")
         reducer = UMAP(n_components=self.cfg.umap_dims, n_neighbors=self.cfg.umap_neighbors, min_dist=0.0,
-                       metric="cosine", random_state=self.cfg.seed)
+                       metric="cosine", random_state=self.cfg.seed, n_jobs=1)  # seeded UMAP is serial anyway
         self.reduced_ = reducer.fit_transform(embeddings)  # [N, umap_dims]
-        clusterer = HDBSCAN(min_cluster_size=self.cfg.min_cluster_size, min_samples=self.cfg.min_samples)
+        clusterer = HDBSCAN(min_cluster_size=self.cfg.min_cluster_size, min_samples=self.cfg.min_samples,
+                            copy=True)
         self.labels_ = clusterer.fit_predict(self.reduced_)  # [N]
         self.keywords_ = ctfidf_keywords(docs, self.labels_, self.cfg.num_keywords)
         return self

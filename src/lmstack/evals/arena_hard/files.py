@@ -16,6 +16,9 @@ from typing import Any
 from lmstack.atomic import write_text_atomic
 from lmstack.errors import LmstackError
 
+# Beside the `<model>.jsonl` judgments: one line per judge run (command, settings, counts); not a model.
+JUDGE_RUN_LOG = "judge_runs.jsonl"
+
 
 def read_jsonl(path: str | Path, *, allow_torn_tail: bool = True) -> list[dict[str, Any]]:
     """Every JSON object of a file; a malformed line raises, except a torn final line of an appended log."""

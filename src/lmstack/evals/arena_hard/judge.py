@@ -22,7 +22,7 @@ from tqdm import tqdm
 from lmstack.client import Conversation, GenParams, LLMClient
 from lmstack.errors import LmstackError
 from lmstack.evals.arena_hard.files import AppendLog, Question, read_jsonl
-from lmstack.evals.arena_hard.templates import JUDGE_REASK, JUDGE_SYSTEM, JUDGE_USER, parse_verdict
+from lmstack.evals.arena_hard.templates import JUDGE_REASK, JUDGE_TEMPLATES, parse_verdict
 
 
 @dataclass
@@ -35,8 +35,11 @@ class JudgeConfig:
     temperature: float = 0.0
     batch_size: int = 8
     max_answer_chars: int | None = None  # longer answers are cut, with a note the judge sees
+    template: str = "arena-hard"  # a key of JUDGE_TEMPLATES
 
     def __post_init__(self) -> None:
+        if self.template not in JUDGE_TEMPLATES:
+            raise LmstackError(f"unknown judge template {self.template!r}; choose one of {', '.join(JUDGE_TEMPLATES)}")
         if self.max_reasks < 0 or self.batch_size < 1 or self.max_tokens < 1 or self.reask_tokens < 1:
             raise LmstackError("judge settings: max_reasks >= 0, batch_size, max_tokens and reask_tokens >= 1")
         if self.max_answer_chars is not None and self.max_answer_chars < 100:
@@ -61,13 +64,14 @@ def clip(text: str, limit: int | None) -> tuple[str, bool]:
 
 
 def game_prompt(question: str, baseline_answer: str, model_answer: str, game: int,
-                max_answer_chars: int | None) -> tuple[Conversation, bool]:
+                max_answer_chars: int | None, template: str = "arena-hard") -> tuple[Conversation, bool]:
     """The judge conversation of game 0 (baseline is A) or game 1 (model is A); the one place of the swap."""
     a, b = (baseline_answer, model_answer) if game == 0 else (model_answer, baseline_answer)
     a, cut_a = clip(a, max_answer_chars)
     b, cut_b = clip(b, max_answer_chars)
-    user = JUDGE_USER.format(question=question, answer_a=a, answer_b=b)
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}], cut_a or cut_b
+    system, user = JUDGE_TEMPLATES[template]
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": user.format(question=question, answer_a=a, answer_b=b)}], cut_a or cut_b
 
 
 def _paths(out_dir: Path, judge: str, model: str) -> tuple[Path, Path]:
@@ -141,7 +145,8 @@ def _judge_batch(client: LLMClient, batch: list[tuple[Question, str, int]],
     convs, cut = [], []
     for q, m, g in batch:
         conv, truncated = game_prompt(q.prompt, answers[cfg.baseline][q.question_id]["content"],
-                                      answers[m][q.question_id]["content"], g, cfg.max_answer_chars)
+                                      answers[m][q.question_id]["content"], g, cfg.max_answer_chars,
+                                      cfg.template)
         convs.append(conv)
         cut.append(truncated)
     params = GenParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=0)

@@ -9,8 +9,8 @@ from typing import Any
 
 from lmstack.bench.results import cli_command, write_results
 from lmstack.errors import LmstackError
-from lmstack.evals.arena_hard.battles import BattleSet, load_battles
-from lmstack.evals.arena_hard.files import load_answers, read_jsonl
+from lmstack.evals.arena_hard.battles import BattleSet, load_battles, position_bias
+from lmstack.evals.arena_hard.files import JUDGE_RUN_LOG, load_answers, read_jsonl
 from lmstack.evals.arena_hard.plots import plot_leaderboard
 from lmstack.evals.arena_hard.score import ScoreRow, leaderboard
 
@@ -59,9 +59,10 @@ def score_command(args: argparse.Namespace) -> dict[str, Any]:
         "games": games, "unparsed_games": unparsed, "parse_failure_rate": bs.parse_failure_rate,
         "questions": judged_questions, "battles": len(bs.battles),
         "style_coefficients": fit.style_coef_,
+        "position_bias": position_bias(bs),
     }
     command = cli_command("arena-hard score", args, _OPTIONS, ("style_control",))
-    runs = Path(args.judgments) / "judge_runs.jsonl"
+    runs = Path(args.judgments) / JUDGE_RUN_LOG
     write_results(args.output, command, metrics, device="cpu", baseline=args.baseline,
                   judge=Path(args.judgments).name, style_control=bool(args.style_control),
                   bootstrap_rounds=args.rounds, judge_runs=read_jsonl(runs) if runs.is_file() else [])
@@ -69,6 +70,10 @@ def score_command(args: argparse.Namespace) -> dict[str, Any]:
              f"{args.rounds} bootstrap rounds" + (", style control" if args.style_control else ""))
     plot_leaderboard(metrics["leaderboard"], title, args.plot)
     _print_table(rows, games, unparsed)
+    bias = metrics["position_bias"]
+    if bias["paired_games"]:
+        print(f"position bias: assistant A wins {100 * bias['position_a_win_share']:.1f}% of parsed games (50% "
+              f"unbiased); the two games of a pair agree {100 * bias['position_consistency']:.1f}% of the time")
     print(f"wrote {args.output} and {args.plot}")
     return metrics
 

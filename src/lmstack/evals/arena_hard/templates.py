@@ -11,26 +11,28 @@ import json
 import re
 from typing import Any
 
-# The seven BenchBuilder criteria: key → what a prompt must do to meet it.
+# The seven BenchBuilder criteria: key → the question a prompt must answer with yes to meet it.
 CRITERIA: dict[str, str] = {
-    "specificity": "asks for a specific, well-defined output",
-    "domain_knowledge": "needs knowledge of a specific domain",
-    "complexity": "has several parts, variables or steps",
-    "problem_solving": "needs reasoning to work out a solution, not just recall",
-    "creativity": "calls for novel ideas or original content",
-    "technical_accuracy": "has an answer whose correctness can be checked",
-    "real_world": "relates to a practical, real-world use",
+    "specificity": "Does it ask for a specific, well-defined output?",
+    "domain_knowledge": "Does answering it need knowledge of a specific domain?",
+    "complexity": "Does it have several parts, variables or steps?",
+    "problem_solving": "Does it need reasoning to work out a solution, not just recall?",
+    "creativity": "Does it call for novel ideas or original content?",
+    "technical_accuracy": "Can the correctness of an answer be checked?",
+    "real_world": "Does it relate to a practical, real-world use?",
 }
 
-ANNOTATE_SYSTEM = (
-    "You rate a user prompt on seven criteria; each is true if the prompt meets it, else false.\n"
-    + "\n".join(f"- {k}: {v}" for k, v in CRITERIA.items())
-    + "\nDecide each criterion on its own. Reply with only a JSON object with these seven keys, each true or "
-    "false:\n{" + ", ".join(f'"{k}": <true or false>' for k in CRITERIA) + "}"
-)
-ANNOTATE_USER = "Prompt to rate:\n<prompt>\n{prompt}\n</prompt>\n\nYour JSON:"
+_ANNOTATE_FORMAT = "{{" + ", ".join(f'"{k}": <true or false>' for k in CRITERIA) + "}}"
+# The prompt comes before the questions, which are asked one by one: with the criteria listed first and the
+# prompt last, a 1.5B annotator answered all seven alike (all false for 42% of 2,000 ShareGPT prompts).
+ANNOTATE_SYSTEM = ("You annotate user prompts for an LLM benchmark. Judge the prompt itself, not how hard it "
+                   "would be for you.")
+ANNOTATE_USER = ("Here is a user prompt:\n<prompt>\n{prompt}\n</prompt>\n\nAnswer each question about this "
+                 "prompt with true or false, independently:\n"
+                 + "\n".join(f"- {k}: {q}" for k, q in CRITERIA.items())
+                 + "\n\nReply with only the JSON object " + _ANNOTATE_FORMAT)
 ANNOTATE_REASK = ("That was not one JSON object with exactly the seven keys and true/false values. Reply again "
-                  "with only the JSON object: {" + ", ".join(f'"{k}": <true or false>' for k in CRITERIA) + "}")
+                  "with only the JSON object: " + _ANNOTATE_FORMAT.format())
 
 CLUSTER_NAME_SYSTEM = ("You name topic clusters of user prompts. Reply with a short topic name of 2 to 6 words "
                        "and nothing else.")
@@ -55,6 +57,21 @@ JUDGE_SYSTEM = (
 JUDGE_USER = ("<|User Prompt|>\n{question}\n\n<|The Start of Assistant A's Answer|>\n{answer_a}\n"
               "<|The End of Assistant A's Answer|>\n\n<|The Start of Assistant B's Answer|>\n{answer_b}\n"
               "<|The End of Assistant B's Answer|>")
+# For small judges: the same scale, the instructions after the answers (where a 1.5B model still attends to
+# them) and a short comparison instead of the judge's own full answer first.
+JUDGE_USER_COMPACT = JUDGE_USER + (
+    "\n\nCompare the two answers. Check each for mistakes, then judge whether it is helpful, relevant and "
+    "concise; length alone is no merit, and the order of the answers must not sway you. Write a short "
+    "comparison, then end with exactly one final verdict label on its own line: [[A>>B]] (A is significantly "
+    "better), [[A>B]] (A is slightly better), [[A=B]] (about equal), [[B>A]] (B is slightly better) or [[B>>A]] "
+    "(B is significantly better)."
+)
+# Template name → (system prompt, user prompt with {question}, {answer_a}, {answer_b}).
+JUDGE_TEMPLATES: dict[str, tuple[str, str]] = {
+    "arena-hard": (JUDGE_SYSTEM, JUDGE_USER),
+    "compact": ("You are an impartial judge of two AI assistants' answers to the same user prompt.",
+                JUDGE_USER_COMPACT),
+}
 JUDGE_REASK = ("Your reply did not end with a verdict label. Finish your judgment now with exactly one final "
                "verdict label: [[A>>B]], [[A>B]], [[A=B]], [[B>A]] or [[B>>A]].")
 
