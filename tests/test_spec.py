@@ -348,6 +348,23 @@ def test_smartspec_speculates_when_it_pays() -> None:
     assert ctl.goodput(_shape(4), k) > 2 * ctl.goodput(_shape(4), 0)
 
 
+def test_smartspec_explores_only_where_speculation_could_pay() -> None:
+    """Plain steps at 2 ms, speculative ones at 30 ms (a CUDA graph vs eager): not even perfect acceptance
+    pays, so k = 0 is chosen every step, with no exploring step; where it could pay, one step in
+    `explore_every` still proposes a token to keep the acceptance estimate current."""
+
+    def run(spec_seconds: float) -> list[int]:
+        ctl = SmartSpec(5, draft_forwards=True, explore_every=8)
+        for _ in range(4):
+            for k in range(6):
+                ctl.observe_step(k, 4, step_features(4 * (k + 1), 1200, k, 4 * k), 0.002 if k == 0 else spec_seconds)
+        _set_acceptance(ctl, 0.05, 4)
+        return [ctl.choose(_shape(4)) for _ in range(40)]
+
+    assert run(0.030) == [0] * 40
+    assert sorted(set(run(0.0025))) == [0, 1] and run(0.0025).count(1) == 40 // 8
+
+
 def test_smartspec_corrects_a_nonlinear_step_time() -> None:
     """A CPU-like cliff (one row: 0.36 s, two or more: 0.75 s) that no linear model fits: the per-(k, batch
     size) correction still finds that, for a lone request at 60% acceptance, plain decoding is faster."""

@@ -19,8 +19,10 @@ emits, and picks the best k (k = 0 is plain decoding: one token per request).
   group that has been measured also corrects the model by its median ratio of measured to predicted time.
   It can be warm-started from a profile file written by an earlier run.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
-  for a long stretch, one step proposes a single token so that acceptance estimates stay current. A k no
-  step has used yet is predicted by the linear model alone; once chosen, it is measured and corrected.
+  for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
+  would win even if every proposal were accepted (e.g. on a GPU where plain decode steps replay a CUDA graph
+  and speculative steps, 10x dearer, run eagerly): then exploring could only cost time. A k no step has used
+  yet is predicted by the linear model alone; once chosen, it is measured and corrected.
 """
 
 from __future__ import annotations
@@ -250,11 +252,11 @@ class SmartSpec(Controller):
         linear = max(float(features @ self.coef), 1e-9)
         return linear * self.correction.get((k, size_bucket(num_decodes)), 1.0)
 
-    def goodput(self, shape: StepShape, k: int) -> float:
-        """Predicted tokens per second of the step at proposal length k."""
+    def goodput(self, shape: StepShape, k: int, alpha: float | None = None) -> float:
+        """Predicted tokens per second of the step at proposal length k (at acceptance `alpha` if given)."""
         tokens = shape.num_other_samples + sum(
-            expected_tokens(self.acceptance.of(key), min(k, cap)) for key, cap in zip(shape.keys, shape.caps,
-                                                                                      strict=True))
+            expected_tokens(self.acceptance.of(key) if alpha is None else alpha, min(k, cap))
+            for key, cap in zip(shape.keys, shape.caps, strict=True))
         k_eff = max((min(k, c) for c in shape.caps), default=0)
         return tokens / self.predict(self.features(shape, k), k_eff, len(shape.caps))
 
@@ -267,10 +269,15 @@ class SmartSpec(Controller):
         scores = [self.goodput(shape, k) for k in range(self.max_k + 1)]
         k = int(np.argmax(scores))
         self._zero_streak = self._zero_streak + 1 if k == 0 else 0
-        if self._zero_streak >= self.explore_every:
+        if self._zero_streak >= self.explore_every and self._could_pay(shape, scores[0]):
             self._zero_streak = 0
             return 1
         return k
+
+
+    def _could_pay(self, shape: StepShape, plain: float) -> bool:
+        """Whether some k > 0 would beat plain decoding if every proposal were accepted."""
+        return any(self.goodput(shape, k, alpha=1.0) > plain for k in range(1, self.max_k + 1))
 
 
 def make_controller(spec_k: int | str, max_k: int, draft_forwards: bool,
