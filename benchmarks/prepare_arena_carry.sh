@@ -2,7 +2,7 @@
 # Builds .carry/ah/ (git-ignored) for benchmarks/gpu_arena_hard.sh: the gguf wheel, the Arena-Hard v0.1 questions
 # and answers, the first user turns of ShareGPT that `arena-hard curate` reads by default (so the GPU annotations
 # line up with a local curate run: prompt ids are content hashes) and the qwen2.5-coder-1.5b-instruct GGUF cut
-# into 58 MiB parts. A device call carries at most 64 MiB, and carried paths stay while the machine is warm, so
+# into 44 MiB parts (the rest of the tree travels too). A device call carries at most 64 MiB, and carried paths stay while the machine is warm, so
 # the parts go over in back-to-back calls (one part each), the last call carrying data/ and whl/ and running.
 # With DRAFT=1 the qwen2.5-coder-0.5b-instruct GGUF is cut into draft/ too, for benchmarks/gpu_smartspec.sh.
 set -euo pipefail
@@ -26,12 +26,12 @@ with open(sys.argv[1], "w", encoding="utf-8") as f:
         f.write(json.dumps({"prompt": text}, ensure_ascii=False) + "\n")
 PY
 GGUF=$(python3 -c "from lmstack.models.registry import resolve_embedded; print(resolve_embedded('qwen2.5-coder-1.5b-instruct'))")
-split -b 58m -d -a 2 "$GGUF" "$C/model/part"
+split -b 44m -d -a 2 "$GGUF" "$C/model/part"
 stat -c %s "$GGUF" > "$C/model.size"
 if [ -n "${DRAFT:-}" ]; then
   mkdir -p "$C/draft"
   GGUF=$(python3 -c "from lmstack.models.registry import resolve_embedded; print(resolve_embedded('qwen2.5-coder-0.5b-instruct'))")
-  split -b 58m -d -a 2 "$GGUF" "$C/draft/part"
+  split -b 44m -d -a 2 "$GGUF" "$C/draft/part"
   stat -c %s "$GGUF" > "$C/draft.size"
 fi
 echo "$C ready: $(ls "$C/model" | wc -l) model parts, data $(du -sh "$C/data" | cut -f1)"
