@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -91,7 +92,10 @@ def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         for cols in itertools.combinations(range(x.shape[1]), size):
             idx = list(cols)
             g, r = gram[np.ix_(idx, idx)], rhs[idx]
-            c, *_ = np.linalg.lstsq(g, r, rcond=None)
+            try:
+                c = np.linalg.solve(g, r)
+            except np.linalg.LinAlgError:  # a feature that never varied (e.g. no draft model): singular
+                c, *_ = np.linalg.lstsq(g, r, rcond=None)
             if np.all(c >= 0):
                 err = yy - 2.0 * float(c @ r) + float(c @ g @ c)
                 if err < best_err - 1e-12 * yy:
@@ -245,12 +249,17 @@ class SmartSpec(Controller):
             counts[k] = counts.get(k, 0) + len(q)
         if sum(n >= self.min_samples for n in counts.values()) < min(3, self.max_k + 1):
             return
-        rows = [(f, t) for q in self.samples.values() for _, f, t in q]
-        self.coef = fit_nonnegative(np.stack([f for f, _ in rows]), np.array([t for _, t in rows]))
+        groups = [(key, q) for key, q in self.samples.items() if q]
+        x = np.stack([f for _, q in groups for _, f, _ in q])  # [samples, features], grouped by (k, size)
+        y = np.array([t for _, q in groups for _, _, t in q])
+        self.coef = fit_nonnegative(x, y)
+        ratio = (y / np.maximum(x @ self.coef, 1e-9)).tolist()
         self.correction = {}
-        for key, q in self.samples.items():
+        start = 0
+        for key, q in groups:
             if len(q) >= self.min_samples:
-                self.correction[key] = float(np.median([t / max(float(f @ self.coef), 1e-9) for _, f, t in q]))
+                self.correction[key] = statistics.median(ratio[start:start + len(q)])
+            start += len(q)
 
     def predict(self, features: np.ndarray, k: int = 0, num_decodes: int = 0) -> float:
         """Seconds of a step with these features, corrected by its (k, batch size) group when measured."""
