@@ -9,12 +9,12 @@ longest stall.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from lmstack.bench.runlog import drive
 from lmstack.bench.serving_metrics import RequestRecord, compute_metrics
 from lmstack.engine.llm_engine import LLMEngine
 from lmstack.engine.policies import Policy
@@ -67,43 +67,31 @@ def replay(engine: LLMEngine, policy: Policy, requests: list[ReplayRequest], off
     engine.scheduler.policy = policy
     engine.scheduler.max_num_seqs = max_num_seqs
     preempted_before = engine.scheduler.num_preemptions
-    n = len(requests)
-    start = time.monotonic()
-    traces = [_Trace(arrival=start + t) for t in offsets]
-    added = done = steps = 0
-    step_s = 0.0
-    while done < n:
-        now = time.monotonic()
-        while added < n and traces[added].arrival <= now:
-            r = requests[added]
-            engine.add_request(r.prompt_token_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True,
-                                                                  temperature=0.0),
-                               request_id=f"{tag}-{added}", prompt=r.prompt, arrival_time=traces[added].arrival)
-            added += 1
-        if not engine.has_unfinished:
-            time.sleep(max(0.0, traces[added].arrival - time.monotonic()))
-            continue
-        t0 = time.perf_counter()
-        outputs = engine.step()
-        step_s += time.perf_counter() - t0
-        steps += 1
-        now = time.monotonic()
-        for out in outputs:
-            k = int(out.request_id.rsplit("-", 1)[1])
-            tr = traces[k]
-            if tr.first is None:
-                tr.first = now
-            else:
-                tr.gaps.append(now - tr.last)
-            tr.last = now
-            tr.tokens += 1
-            if out.finished:
-                tr.finish = now
-                done += 1
-                got = len(out.outputs[0].token_ids)
-                if got != requests[k].output_len:
-                    raise RuntimeError(f"engine bug: request {k} generated {got} tokens but ignore_eos asked for "
-                                       f"exactly {requests[k].output_len}")
+    traces = [_Trace(arrival=0.0) for _ in offsets]
+
+    def add(i: int, request_id: str, arrival: float) -> None:
+        r = requests[i]
+        traces[i].arrival = arrival
+        engine.add_request(r.prompt_token_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True,
+                                                              temperature=0.0),
+                           request_id=request_id, prompt=r.prompt, arrival_time=arrival)
+
+    def on_output(k: int, out: Any, now: float) -> None:
+        tr = traces[k]
+        if tr.first is None:
+            tr.first = now
+        else:
+            tr.gaps.append(now - tr.last)
+        tr.last = now
+        tr.tokens += 1
+        if out.finished:
+            tr.finish = now
+            got = len(out.outputs[0].token_ids)
+            if got != requests[k].output_len:
+                raise RuntimeError(f"engine bug: request {k} generated {got} tokens but ignore_eos asked for "
+                                   f"exactly {requests[k].output_len}")
+
+    start, _, steps, step_s = drive(engine, offsets, tag, add, on_output)
     return _result(traces, requests, start, steps, step_s, engine.scheduler.num_preemptions - preempted_before)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from lmstack.bench.results import cli_command, device_name, write_results
-from lmstack.bench.runlog import append_run, poisson_offsets, read_runs
+from lmstack.bench.runlog import append_run, drive, poisson_offsets, read_runs
 from lmstack.errors import LmstackError
 
 # Defaults sized to finish in about 15 minutes on 2 CPU cores; the lowest rate has requests rarely overlapping.
@@ -144,35 +144,21 @@ def _prompts(args: argparse.Namespace, llm: Any) -> list[list[int]]:
 
 def replay(engine: Any, prompts: list[list[int]], offsets: list[float], params: Any, tag: str) -> dict[str, Any]:
     """Add each request at its arrival time, step the engine as fast as it goes; per-request timings."""
-    if engine.has_unfinished:
-        raise RuntimeError("replay needs an idle engine")
     n = len(prompts)
-    start = time.monotonic()
-    arrivals = [start + t for t in offsets]
     first: dict[int, float] = {}
     finish: dict[int, float] = {}
     tokens: dict[int, list[int]] = {}
-    added = steps = 0
-    step_s = 0.0
-    while len(finish) < n:
-        now = time.monotonic()
-        while added < n and arrivals[added] <= now:
-            engine.add_request(prompts[added], params, request_id=f"{tag}-{added}", arrival_time=arrivals[added])
-            added += 1
-        if not engine.has_unfinished:
-            time.sleep(max(0.0, arrivals[added] - time.monotonic()))
-            continue
-        t0 = time.perf_counter()
-        outputs = engine.step()
-        step_s += time.perf_counter() - t0
-        steps += 1
-        now = time.monotonic()
-        for out in outputs:
-            i = int(out.request_id.rsplit("-", 1)[1])
-            first.setdefault(i, now)
-            if out.finished:
-                finish[i] = now
-                tokens[i] = out.outputs[0].token_ids
+
+    def add(i: int, request_id: str, arrival: float) -> None:
+        engine.add_request(prompts[i], params, request_id=request_id, arrival_time=arrival)
+
+    def on_output(i: int, out: Any, now: float) -> None:
+        first.setdefault(i, now)
+        if out.finished:
+            finish[i] = now
+            tokens[i] = out.outputs[0].token_ids
+
+    start, arrivals, steps, step_s = drive(engine, offsets, tag, add, on_output)
     latency = np.array([finish[i] - arrivals[i] for i in range(n)])
     ttft = np.array([first[i] - arrivals[i] for i in range(n)])
     n_tokens = sum(len(t) for t in tokens.values())
