@@ -7,7 +7,6 @@ import os
 import platform
 import shlex
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lmstack.atomic import write_text_atomic
 from lmstack.errors import LmstackError
 
 _REPO_DIR = Path(__file__).resolve().parent
@@ -130,14 +130,4 @@ def write_results(
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LmstackError(f"cannot create results folder {path.parent}: {e}; choose another path") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, default=_jsonable)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(record, indent=2, default=_jsonable) + "\n")
