@@ -293,7 +293,6 @@ class SmartSpec(Controller):
             return 1
         return k
 
-
     def _could_pay(self, shape: StepShape, plain: float) -> bool:
         """Whether some k > 0 would beat plain decoding if every proposal were accepted."""
         perfect = [1.0] * len(shape.caps)
