@@ -13,19 +13,14 @@ C=${CARRY:-.carry/ah}
 MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
 OUT=${OUT:-/tmp/lmstack-out}
 WORK=${WORK:-/tmp/ah-work}
-export LMSTACK_CACHE=${LMSTACK_CACHE:-/tmp/lmstack-cache}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $C/whl/*.whl || exit 1
 export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT" "$WORK" "$LMSTACK_CACHE/gguf"
+mkdir -p "$OUT" "$WORK"
+source benchmarks/carried_gguf.sh
 exec > >(tee "$OUT/gpu_arena_hard.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 SECONDS=0
-GGUF="$LMSTACK_CACHE/gguf/$MODEL.gguf"
-if [ ! -f "$GGUF" ]; then
-  cat "$C"/model/part* > "$GGUF.tmp" || exit 1
-  [ "$(stat -c %s "$GGUF.tmp")" = "$(cat "$C/model.size")" ] || { echo "model parts missing: $(ls "$C/model")"; exit 1; }
-  mv "$GGUF.tmp" "$GGUF"
-fi
+assemble "$MODEL" "$C/model" "$C/model.size" || exit 1
 STEPS=${STEPS:-annotate judge}
 TEMPLATE=${TEMPLATE:-arena-hard}
 if [[ " $STEPS " == *" annotate "* ]]; then

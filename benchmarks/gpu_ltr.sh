@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Learning to rank on one GPU (issue 4), in one call: train the length ranker, measure Kendall's tau against the
-# baselines, then run the scheduling benchmark with it. Needs .carry/ltr/ from benchmarks/prepare_ltr_carry.sh.
-#  1. full fine-tuning of MiniLM with ListMLE (a learning-rate sweep chosen by validation tau), the 10-bucket
-#     classifier baselines on the same encoder, tau of all of them on the 2,500 held-out ShareGPT prompts;
-#  2. fcfs, mlfq, ltr and oracle-sjf on Llama-3-8B shapes (random weights, bf16) with the held-out prompts
-#     replaying their answer lengths, so every policy does identical work: a burst (synthetic data generation,
-#     up to 256 at once), then Poisson rates with the batch capped at 64, as a deployment holding a per-token
-#     latency target would (the scheduling effect needs a queue). --time-budget skips the least important runs.
-# Writes $OUT/ltr_rank.json, $OUT/ltr_serving.json(+.jsonl), $OUT/gpu_ltr.log and the fp16 ranker as
-# $OUT/ranker.tar.part* (cat them, untar: the folder `ranker`). Settings are environment variables; with
-# RANKER=folder and TEST=held-out file (e.g. a ranker an earlier run returned), step 1 is
-# skipped.
+# Learning to rank on one GPU (issue 4). STEPS picks the steps (default "train serve"):
+#  label  label the ShareGPT prompts with the output lengths of a served model's own answers (GEN_MODEL, default
+#         qwen2.5-coder-1.5b-instruct, sampled at temperature 1.0 as the paper does) through `lmstack ltr
+#         build-data --generate-with`; needs .carry/ltr/ from `LABELS=generate benchmarks/prepare_ltr_carry.sh`
+#         and the model's GGUF parts in .carry/ah/ (benchmarks/prepare_arena_carry.sh). Stopped after BUDGET
+#         seconds; a rerun on the still-warm machine resumes where it stopped. Writes $OUT/labels.jsonl.gz.
+#  train  full fine-tuning of MiniLM with ListMLE (a learning-rate sweep chosen by validation tau), the 10-bucket
+#         classifier baselines on the same encoder, tau of all of them on the held-out prompts ($OUT/ltr_rank.json,
+#         the fp16 ranker as $OUT/ranker.tar.part*: cat them, untar: the folder `ranker`). Data: the labels of
+#         the label step, else DATA (default .carry/ltr/sharegpt.jsonl.gz: lengths of ShareGPT's own answers).
+#  serve  fcfs, mlfq, ltr and oracle-sjf on Llama-3-8B shapes (random weights, bf16) with the held-out prompts
+#         replaying their labelled lengths, so every policy does identical work: a burst (synthetic data
+#         generation), then Poisson rates around the measured capacity with the batch capped at MAX_NUM_SEQS.
+#         With RANKER=folder and TEST=held-out file (e.g. a ranker an earlier run returned), no training is needed.
+# Settings are environment variables; logs go to $OUT/gpu_ltr.log.
 set -uo pipefail
 C=${CARRY:-.carry/ltr}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $C/whl/*.whl || exit 1
@@ -19,14 +22,30 @@ OUT=${OUT:-/tmp/lmstack-out}
 WORK=${WORK:-/tmp/ltr-work}
 DEVICE=${DEVICE:-cuda}
 MODEL=${MODEL:-dummy:$C/llama-3-8b-v49k}
+STEPS=${STEPS:-train serve}
+DATA=${DATA:-$C/sharegpt.jsonl.gz}
 mkdir -p "$OUT" "$WORK"
-exec > >(tee "$OUT/gpu_ltr.log") 2>&1
+exec > >(tee -a "$OUT/gpu_ltr.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 SECONDS=0
-[ "$DEVICE" = cuda ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_encoder.py tests/test_ranking.py | tail -2
+if [[ " $STEPS " == *" label "* ]]; then
+  GEN_MODEL=${GEN_MODEL:-qwen2.5-coder-1.5b-instruct}
+  source benchmarks/carried_gguf.sh
+  assemble "$GEN_MODEL" .carry/ah/model .carry/ah/model.size || exit 1
+  timeout "${BUDGET:-560}" python3 -m lmstack.cli ltr build-data --input "$C/prompts.jsonl.gz" \
+    --output "$WORK/labels.jsonl" --generate-with "$GEN_MODEL" --label-tokenizer "$C/llama-3-8b-v49k" \
+    --max-prompt-len 1024 --max-tokens 1024 --temperature 1.0 --batch-size 2048 --max-num-seqs 512 \
+    --max-model-len 4096 --device "$DEVICE" --dtype bfloat16 2>&1 | tr "\r" "\n" | grep -v "^labelling" | tail -5
+  echo "label exit ${PIPESTATUS[0]} at ${SECONDS}s: $(wc -l < "$WORK/labels.jsonl") prompts labelled"
+  gzip -c "$WORK/labels.jsonl" > "$OUT/labels.jsonl.gz"
+  DATA=$WORK/labels.jsonl
+fi
+if [[ " $STEPS " == *" train "* ]]; then
+  [ "$DEVICE" = cuda ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_encoder.py tests/test_ranking.py | tail -2
+fi
 train() {  # NAME, then extra `lmstack ltr train` options
   local name=$1; shift
-  python3 -m lmstack.cli ltr train --data "$C/sharegpt.jsonl.gz" --encoder "$C/encoder" --device "$DEVICE" \
+  python3 -m lmstack.cli ltr train --data "$DATA" --encoder "$C/encoder" --device "$DEVICE" \
     --max-length "${MAXLEN:-512}" --epochs "${EPOCHS:-4}" --output "$WORK/$name" ${TRAIN_EXTRA:-} "$@" 2>&1 \
     | tr "\r" "\n" | grep -E "^(epoch|/|lmstack|error)" | sed "s|^|[$name] |"
 }
@@ -44,19 +63,20 @@ train_and_eval() {
 LengthRanker.load(sys.argv[1]).save(sys.argv[2], dtype=torch.float16)" "$WORK/listmle-$best_lr" "$WORK/ranker"
   train bucket-uniform --objective bucket --buckets uniform --lr "$best_lr"
   train bucket-quantile --objective bucket --buckets quantile --lr "$best_lr"
-  python3 -m lmstack.cli ltr eval --data "$C/sharegpt.jsonl.gz" --ranker "$WORK/ranker" --device "$DEVICE" \
+  python3 -m lmstack.cli ltr eval --data "$DATA" --ranker "$WORK/ranker" --device "$DEVICE" \
     --bucket-classifier "$WORK/bucket-uniform" --extra-classifier "quantile=$WORK/bucket-quantile" \
     --label "MiniLM-L6 fully fine-tuned on $DEVICE (ListMLE, lr $best_lr by val tau, max length ${MAXLEN:-512}, ${EPOCHS:-4} epochs)" \
     --output "$OUT/ltr_rank.json" 2>&1 | tr "\r" "\n" | grep -v -E "^(scoring|timing)" | tail -24
   tar -C "$WORK" -cf - ranker | split -b 15m - "$OUT/ranker.tar.part"
   echo "ranker trained and evaluated at ${SECONDS}s"
-  zcat "$C/sharegpt.jsonl.gz" | grep '"split": "test"' | gzip > "$WORK/test.jsonl.gz"
+  zcat -f "$DATA" | grep '"split": "test"' | gzip > "$WORK/test.jsonl.gz"
 }
 if [ -n "${RANKER:-}" ]; then
   cp "$TEST" "$WORK/test.jsonl.gz" && cp -r "$RANKER" "$WORK/ranker" || exit 1
-else
+elif [[ " $STEPS " == *" train "* ]]; then
   train_and_eval
 fi
+[[ " $STEPS " == *" serve "* ]] || exit 0
 python3 -m lmstack.bench.policies --model "$MODEL" --ranker "$WORK/ranker" --data "$WORK/test.jsonl.gz" \
   --device "$DEVICE" --burst-requests "${BURST:-2000}" --burst-max-num-seqs "${BURST_MAX_NUM_SEQS:-256}" \
   --num-requests "${NUM_REQUESTS:-250}" --max-num-seqs "${MAX_NUM_SEQS:-64}" \

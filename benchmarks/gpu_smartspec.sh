@@ -6,17 +6,10 @@
 set -uo pipefail
 C=${CARRY:-.carry/ah}
 OUT=${OUT:-/tmp/lmstack-out}
-export LMSTACK_CACHE=${LMSTACK_CACHE:-/tmp/lmstack-cache}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $C/whl/*.whl || exit 1
 export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT" "$LMSTACK_CACHE/gguf"
-assemble() {  # NAME PARTS_DIR SIZE_FILE
-  local gguf="$LMSTACK_CACHE/gguf/$1.gguf"
-  [ -f "$gguf" ] && return 0
-  cat "$2"/part* > "$gguf.tmp" || return 1
-  [ "$(stat -c %s "$gguf.tmp")" = "$(cat "$3")" ] || { echo "parts of $1 missing: $(ls "$2")"; return 1; }
-  mv "$gguf.tmp" "$gguf"
-}
+mkdir -p "$OUT"
+source benchmarks/carried_gguf.sh
 assemble qwen2.5-coder-1.5b-instruct "$C/model" "$C/model.size" || exit 1
 assemble qwen2.5-coder-0.5b-instruct "$C/draft" "$C/draft.size" || exit 1
 timeout "${BUDGET:-400}" python3 -m lmstack.bench.smartspec --proposer draft --data code \

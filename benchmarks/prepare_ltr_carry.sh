@@ -3,6 +3,9 @@
 # first answer's length in SmolLM2 tokens, seeded split with 2,500 held-out prompts) gzipped, the MiniLM encoder
 # in fp16 safetensors (the fp32 file is 87 MiB), Llama-3-8B shapes with the SmolLM2 tokenizer (vocabulary cut to
 # its 49,152 ids, the tokenizer the lengths were counted with) and the gguf wheel that `import lmstack` needs.
+# With LABELS=generate the data is the unlabelled first user turns instead (prompts.jsonl.gz, for
+# `STEPS="label train serve" bash benchmarks/gpu_ltr.sh`, which labels them with a served model's own answers)
+# plus wikitext-2 (for benchmarks/gpu_ds_quality.sh, run on the same machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${LTR_BUILD:-${TMPDIR:-/tmp}/lmstack-ltr}
@@ -10,11 +13,26 @@ C=.carry/ltr
 rm -rf "$C"
 mkdir -p "$C/whl" "$BUILD"
 python3 -m pip download -q --no-deps -d "$C/whl" gguf==0.19.0
-# Resumable: re-running with the same options only finishes what is missing.
-python3 -m lmstack.cli ltr build-data --output "$BUILD/sharegpt.jsonl" --test-size 2500 --val-size 500 --seed 0 \
-  2>&1 | tr "\r" "\n" | tail -1
-gzip -9 -c "$BUILD/sharegpt.jsonl" > "$C/sharegpt.jsonl.gz.tmp"
-mv "$C/sharegpt.jsonl.gz.tmp" "$C/sharegpt.jsonl.gz"
+if [ "${LABELS:-answers}" = generate ]; then
+  python3 - "$C/prompts.jsonl.gz" <<'PY'
+import gzip
+import json
+import sys
+
+from lmstack.ranking.data import sharegpt_items
+
+with gzip.open(sys.argv[1], "wt", encoding="utf-8") as f:
+    for item in sharegpt_items():
+        f.write(json.dumps({"id": item.id, "prompt": item.prompt}, ensure_ascii=False) + "\n")
+PY
+  cp -r ../shared/data/wikitext2 "$C/wikitext2"
+else
+  # Resumable: re-running with the same options only finishes what is missing.
+  python3 -m lmstack.cli ltr build-data --output "$BUILD/sharegpt.jsonl" --test-size 2500 --val-size 500 --seed 0 \
+    2>&1 | tr "\r" "\n" | tail -1
+  gzip -9 -c "$BUILD/sharegpt.jsonl" > "$C/sharegpt.jsonl.gz.tmp"
+  mv "$C/sharegpt.jsonl.gz.tmp" "$C/sharegpt.jsonl.gz"
+fi
 python3 - "$C" <<'PY'
 import json
 import shutil

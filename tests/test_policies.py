@@ -471,3 +471,13 @@ def test_bench_policies_writes_results_and_resumes_from_its_log(tmp_path) -> Non
     log = out.with_suffix(".jsonl")
     assert len(log.read_text().splitlines()) == 6  # (burst + 2 rates) x 2 policies, one record each
     assert again["by_rate"] == metrics["by_rate"]
+
+
+def test_steady_capacity_leaves_out_the_tail_of_an_all_at_once_run() -> None:
+    from lmstack.bench.policy_summary import steady_capacity
+
+    # 100 requests finishing one every 0.1 s, then a slow tail: the full-batch rate is 10 req/s, n/makespan is not.
+    finish = [0.1 * (i + 1) for i in range(90)] + [9.0 + 5.0 * i for i in range(1, 11)]
+    assert steady_capacity(finish) == pytest.approx(10.0, rel=0.15)
+    assert 100 / max(finish) < 2.0
+    assert steady_capacity([1.0, 2.0]) == pytest.approx(1.0)

@@ -140,6 +140,23 @@ def _taus(ranker: LengthRanker, examples: list[LengthExample]) -> float:
     return kendall_tau([ex.output_len for ex in examples], ranker.predict([ex.prompt for ex in examples]))
 
 
+def test_gzipped_prompt_file_reads_like_plain(tmp_path: Path) -> None:
+    import gzip
+
+    from lmstack.ranking.data import jsonl_items
+
+    lines = "".join(json.dumps({"id": f"p{i}", "prompt": f"line\u2028{i}", "output": "x" * i}, ensure_ascii=False)
+                    + "\n" for i in range(5))
+    (tmp_path / "p.jsonl").write_text(lines, encoding="utf-8")
+    with gzip.open(tmp_path / "p.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines)
+    plain, packed = jsonl_items(tmp_path / "p.jsonl"), jsonl_items(tmp_path / "p.jsonl.gz")
+    assert plain == packed and [it.answer for it in packed] == ["x" * i for i in range(5)]
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(LmstackError, match="cannot read prompts file"):
+        jsonl_items(tmp_path / "bad.jsonl.gz")
+
+
 def test_fine_tuned_ranker_learns_length_order_and_round_trips(tmp_path: Path, tiny_encoder: Path, data: Path) -> None:
     train, val, test = (read_examples(data, s) for s in ("train", "val", "test"))
     ranker = LengthRanker.create(str(tiny_encoder), max_length=32, seed=0)

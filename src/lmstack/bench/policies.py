@@ -5,7 +5,8 @@ decode exactly their recorded answer length (`ignore_eos`), so fcfs, mlfq, ltr a
 work and differ only in order. Scenarios, each run under every policy in turn on the same loaded engine:
 
 - burst: every request arrives at t=0 (synthetic data generation): time to finish all, latency;
-- Poisson arrivals at a sweep of rates, by default fractions of the capacity the fcfs burst measured.
+- Poisson arrivals at a sweep of rates, by default fractions of the capacity the fcfs burst measured (its
+  steady throughput, `policy_summary.steady_capacity`: while the batch is full, without the tail).
 
 Each finished (scenario, policy) run is appended to a JSONL log next to the results file, so an interrupted
 benchmark resumes where it stopped. The scheduling effect needs queueing: cap `--max-num-seqs` (and the KV pool
@@ -264,7 +265,7 @@ def _paths(args: argparse.Namespace, device_type: str) -> tuple[Path, Path, Path
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by `args`, write results JSON + PNG, return the metrics."""
-    from lmstack.bench.policy_summary import plot_latency_vs_rate, plot_title, print_table, summary_metrics
+    from lmstack.bench.policy_summary import plot_latency_vs_rate, plot_title, print_table, steady_capacity, summary_metrics
     from lmstack.models import resolve_device
 
     policies = _check(args)
@@ -292,10 +293,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plan.run("burst", None, name, burst_requests, zeros, args.burst_max_num_seqs)
     capacity = None
     if n_burst == n and args.burst_max_num_seqs == args.max_num_seqs and "fcfs" in plan.burst:
-        capacity = plan.burst["fcfs"]["metrics"]["request_throughput"]
+        capacity = steady_capacity(plan.burst["fcfs"]["finish_s"])
     elif not args.rates:  # the burst ran at another size: measure the sweep's own capacity (fcfs, all at t=0)
         probe = plan.run("capacity", None, "fcfs", requests[:n], [0.0] * n, args.max_num_seqs, force=True)
-        capacity = probe["metrics"]["request_throughput"]
+        capacity = steady_capacity(probe["finish_s"])
     rates = _floats(args.rates, "--rates") or [f * capacity for f in _floats(args.rate_fractions, "--rate-fractions")]
     for k, rate in enumerate(sweep_order(rates, capacity)):
         plan.sweep_rate(rate, k, policies, requests[:n])

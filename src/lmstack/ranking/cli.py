@@ -36,6 +36,8 @@ def _add_build_data(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--device", default="auto", help="in-process generation device (default auto)")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--max-model-len", type=int, default=None, help="in-process engine context limit")
+    gen.add_argument("--max-num-seqs", type=int, default=None,
+                     help="in-process engine: requests decoded at once (default the engine's; raise with --batch-size)")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -97,7 +99,7 @@ def _client(args: argparse.Namespace) -> LLMClient:
         return OpenAIClient(args.base_url, args.generate_with)
     from lmstack.client import LocalClient
 
-    kwargs = {"max_model_len": args.max_model_len} if args.max_model_len else {}
+    kwargs = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs)) if v}
     return LocalClient(args.generate_with, device=args.device, dtype=args.dtype, progress=False, **kwargs)
 
 
@@ -109,6 +111,8 @@ def _build_data(args: argparse.Namespace) -> int:
         raise LmstackError("--base-url needs --generate-with NAME (the model the server serves)")
     if args.batch_size < 1:
         raise LmstackError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.max_num_seqs is not None and args.max_num_seqs < 1:
+        raise LmstackError(f"--max-num-seqs must be >= 1 (got {args.max_num_seqs})")
     items = jsonl_items(args.input) if args.input else sharegpt_items(args.sharegpt_file, args.limit)
     client = params = None
     if args.generate_with:

@@ -87,11 +87,15 @@ def sharegpt_items(path: str | Path | None = None, limit: int | None = None) -> 
 
 
 def jsonl_items(path: str | Path) -> list[SourceItem]:
-    """A JSONL of {"prompt": str, optional "id", optional answer under one of answer/output/completion/response}."""
+    """A JSONL (plain or .gz) of {"prompt": str, optional "id", optional answer under one of
+    answer/output/completion/response}."""
+    import gzip
+
     path = Path(path)
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
     items = []
     try:
-        with path.open(encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -103,7 +107,7 @@ def jsonl_items(path: str | Path) -> list[SourceItem]:
                     raise LmstackError(f"{path}:{n} needs a string field \"prompt\"")
                 answer = next((d[k] for k in _ANSWER_FIELDS if isinstance(d.get(k), str)), None)
                 items.append(SourceItem(id=str(d.get("id", f"line-{n}")), prompt=d["prompt"], answer=answer))
-    except OSError as e:
+    except (OSError, EOFError, UnicodeDecodeError) as e:
         raise LmstackError(f"cannot read prompts file {path}: {e}") from None
     return items
 
