@@ -12,7 +12,7 @@ import torch
 from lmstack import LLM, SamplingParams
 from lmstack.engine.attention import AttentionMetadata, _sdpa_causal
 from lmstack.engine.attention import double_sparse_ref as ref
-from lmstack.engine.attention.calibrate import ChannelCalibrator, calibrate
+from lmstack.engine.attention.calibrate import STATISTICS, ChannelCalibrator, calibrate
 from lmstack.engine.attention.double_sparse import DoubleSparseAttention, DoubleSparseConfig, _trim_to_budget
 from lmstack.engine.attention.ds_channels import ChannelFile, model_signature, resolve_channels
 from lmstack.engine.attention.torch_ref import paged_attention_ref
@@ -240,9 +240,34 @@ def test_calibration_finds_planted_outlier_channels_after_rope(tiny_tokenizer_di
     means = calib.means()
     assert means["qk"][0, 1, D // 2 - 1] > 20 * means["qk"][0, 1].median()
     assert set(calib.select("k", r=2)[0, 0].tolist()) == {0, D // 2}
+    assert set(calib.select("qkc", r=2)[0, 0].tolist()) == {0, D // 2}
     assert calib.select("first", r=3)[0, 1].tolist() == [0, 1, 2]
     random = calib.select("random", r=3, seed=5)
     assert torch.equal(random, calib.select("random", r=3, seed=5)) and len(set(random[0, 0].tolist())) == 3
+
+
+def test_centred_rule_skips_a_constant_key_channel_that_cannot_rank_tokens() -> None:
+    from lmstack.engine.attention.calibrate import record_statistics
+
+    g = torch.Generator().manual_seed(0)
+    T, G, D = 512, 2, 16
+    q = torch.randn(T, G, D, generator=g)
+    k = torch.randn(T, 1, D, generator=g)
+    k[:, 0, 3] = 40.0 + 0.01 * torch.randn(T, generator=g)  # a bias: huge, the same for every token
+    k[:, 0, 7] *= 6.0  # a real outlier: large and token-dependent
+    sums = {name: torch.zeros(1, 1, D, dtype=torch.float64) for name in STATISTICS}
+    record_statistics(sums, 0, q, k)
+    assert sums["qk"][0, 0].argmax().item() == 3
+    assert sums["qkc"][0, 0].argmax().item() == 7
+    # What matters: the top-k tokens by the single chosen label channel, against the exact top-k.
+    exact = (q[:, 0] @ k[:, 0].T).topk(32, dim=-1).indices
+    for ch, floor in ((7, 0.3), (3, None)):
+        approx = (q[:, 0, ch:ch + 1] @ k[:, 0, ch:ch + 1].T).topk(32, dim=-1).indices
+        overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(approx, exact, strict=True)) / exact.numel()
+        if floor is None:
+            assert overlap < 0.15  # the bias channel ranks tokens at about chance (32 / 512)
+        else:
+            assert overlap > floor
 
 
 def test_calibrate_job_writes_a_valid_file_and_resumes(tiny_tokenizer_dir: Path, tmp_path: Path,
@@ -291,7 +316,7 @@ def test_calibrate_job_writes_a_valid_file_and_resumes(tiny_tokenizer_dir: Path,
 
 def _file(cfg) -> ChannelFile:
     calib = ChannelCalibrator(cfg)
-    calib.add({n: torch.rand(2, 2, 16, dtype=torch.float64) for n in ("qk", "q", "k")}, 10)
+    calib.add({n: torch.rand(2, 2, 16, dtype=torch.float64) for n in ("qk", "qkc", "q", "k")}, 10)
     return ChannelFile(model=model_signature("dummy:tiny-llama", cfg), rule="qk", r=4, channels=calib.select("qk", 4),
                        stats=calib.means())
 
@@ -305,6 +330,12 @@ def test_channel_file_round_trip_and_reselect(tiny_tokenizer_dir: Path, tmp_path
     assert torch.equal(back.reselect("q", 2), f.stats["q"].topk(2, dim=-1).indices)
     channels, desc = resolve_channels(str(tmp_path / "c.json"), cfg, "k", 3)
     assert channels.shape == (2, 2, 3) and "rule=k" in desc
+    older = f.to_json()
+    del older["stats"]["qkc"]  # a file calibrated before the centred statistic existed still loads
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    assert resolve_channels(str(tmp_path / "old.json"), cfg, "qk", 4)[0].shape == (2, 2, 4)
+    with pytest.raises(LmstackError, match="needs calibration statistics"):
+        resolve_channels(str(tmp_path / "old.json"), cfg, "qkc", 4)
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
@@ -315,7 +346,7 @@ def test_channel_file_round_trip_and_reselect(tiny_tokenizer_dir: Path, tmp_path
     (lambda d: d.update(channels=[[[0, 1, 2]] * 2] * 2), r"shape \(2, 2, 3\), expected \(2, 2, 4\)"),
     (lambda d: d["channels"][0][0].__setitem__(1, d["channels"][0][0][0]), "same channel twice"),
     (lambda d: d["channels"][1][1].__setitem__(0, 16), r"in \[0, 16\)"),
-    (lambda d: d["stats"].pop("q"), "stats"),
+    (lambda d: d["stats"].update(magic=d["stats"]["q"]), "stats"),
     (lambda d: d["model"].update(num_hidden_layers=3), "shape"),
 ])
 def test_bad_channel_files_are_clear_errors(tiny_tokenizer_dir: Path, tmp_path: Path, mutate, message: str) -> None:

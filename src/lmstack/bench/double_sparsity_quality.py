@@ -5,7 +5,9 @@ top-k tokens of its own causal past, ranked by the label estimate (`sparse_prefi
 r = head_dim/16 label channels and a budget of window/16 tokens: a position with fewer past tokens than
 the budget attends to all of them, so the per-position sparsity reaches 1/16 only at the window's end;
 the `*_late` numbers score the second half of each window alone (budget ≤ 1/8 of the context there).
-Channel choices compared on the same windows: calibrated (|q_c k_c|), random, first-r, |q| and |k|.
+Channel choices compared on the same windows: calibrated (centred |q_c (k_c - mean k_c)|, the default, and
+the paper's plain |q_c k_c|), random, first-r, |q| and |k|; `ds_1_16_dense2` keeps layers 0 and 1 dense
+(the backend's `dense_layers`), where attention is least concentrated.
 
 Retrieval: generated `key: value` lists of several lengths through the real engine (`LLM`), dense vs the
 `double_sparse` backend (sparse decode, budget = 1/16 of the context, dense prefill). The first answer
@@ -49,17 +51,20 @@ class Variant:
     rule: str | None = None
     sparsity: int = 16
     label_bits: int = 16
+    dense_layers: tuple[int, ...] = ()
 
 
 VARIANTS: dict[str, Variant] = {
     "dense": Variant(),
-    "ds_1_8": Variant("qk", 8),
-    "ds_1_16": Variant("qk", 16),
+    "ds_1_8": Variant("qkc", 8),
+    "ds_1_16": Variant("qkc", 16),
+    "qk_channels_1_16": Variant("qk", 16),
     "random_channels_1_16": Variant("random", 16),
     "first_channels_1_16": Variant("first", 16),
     "q_channels_1_16": Variant("q", 16),
     "k_channels_1_16": Variant("k", 16),
-    "ds_1_16_int8": Variant("qk", 16, label_bits=8),
+    "ds_1_16_int8": Variant("qkc", 16, label_bits=8),
+    "ds_1_16_dense2": Variant("qkc", 16, dense_layers=(0, 1)),
 }
 
 
@@ -74,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=1024, help="perplexity window in tokens (default 1024)")
     parser.add_argument("--num-windows", type=int, default=8,
                         help="windows per model, spread evenly over the test text (default 8)")
-    parser.add_argument("--ppl-variants", default="dense,ds_1_8,ds_1_16,random_channels_1_16,first_channels_1_16",
+    parser.add_argument("--ppl-variants", default="dense,ds_1_8,ds_1_16,qk_channels_1_16,random_channels_1_16,first_channels_1_16",
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--retrieval-lengths", default="512,1024,2048", help="prompt lengths in tokens")
     parser.add_argument("--retrieval-samples", type=int, default=8, help="samples per length (default 8)")
@@ -160,7 +165,7 @@ def _ppl_context(variant: Variant, channels_path: Path, cfg: Any, window: int) -
     r = max(1, cfg.head_dim // variant.sparsity)
     ds = DoubleSparseConfig(channels=str(channels_path), rule=variant.rule, r=r,
                             token_budget=window // variant.sparsity, dense_below=0, sparse_prefill=True,
-                            label_bits=variant.label_bits)
+                            label_bits=variant.label_bits, dense_layers=list(variant.dense_layers))
     channels, _ = resolve_channels(ds.channels, cfg, ds.rule, ds.r, ds.seed)
     return DoubleSparseAttention(None, channels, ds)
 
@@ -205,7 +210,8 @@ def run_retrieval(model_name: str, args: argparse.Namespace, variants: list[str]
         if variant.rule is not None:
             head_dim = ChannelFile.load(channels_path).model["head_dim"]
             options = {"channels": str(channels_path), "rule": variant.rule, "r": max(1, head_dim // variant.sparsity),
-                       "label_bits": variant.label_bits, "token_budget": 1 / variant.sparsity}
+                       "label_bits": variant.label_bits, "token_budget": 1 / variant.sparsity,
+                       "dense_layers": list(variant.dense_layers)}
         max_len = max(lengths) + 32
         llm = LLM(model_name, dtype=args.dtype, device=args.device, max_model_len=max_len,
                   num_kv_blocks=args.retrieval_samples * -(-max_len // 16) + 1, block_size=16,

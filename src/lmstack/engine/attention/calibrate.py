@@ -6,9 +6,14 @@ rotate-half layout and the channel indices here are the ones the label cache rea
 and channel c we accumulate three statistics over the calibration tokens:
 
 - `qk`: mean |q_c · k_c| summed over the query heads of the KV head's group (the paper's outlier rule),
+- `qkc`: the same with k centred on its mean over the window's tokens, |q_c · (k_c - mean k_c)| (the default),
 - `q`:  mean |q_c| summed over the group, and `k`: mean |k_c|,
 
-so that the calibrated rule can be compared with |q|, |k|, random and first-r selections from one file.
+so that the calibrated rules can be compared with |q|, |k|, random and first-r selections from one file.
+Why centre: a key channel that is nearly constant over tokens adds the same q_c · k_c to every score of a
+query, so it cannot change which tokens are the top-k, however large it is. Models with a K projection bias
+(Qwen2) have such channels, and the plain `qk` rule picks them: on Qwen2.5-Coder it chose channels that rank
+tokens worse than random ones. Centring keeps only the token-dependent part, which is what the labels rank by.
 `ChannelCalibrator.fit` accumulates, `ChannelCalibrator.select` turns statistics into channel indices.
 """
 
@@ -29,7 +34,7 @@ from lmstack.engine.attention import AttentionBackend, AttentionMetadata
 from lmstack.errors import LmstackError
 from lmstack.models.config import ModelConfig
 
-STATISTICS = ("qk", "q", "k")
+STATISTICS = ("qk", "qkc", "q", "k")
 RULES = (*STATISTICS, "random", "first")
 
 
@@ -102,7 +107,7 @@ class ChannelCalibrator:
             raise LmstackError("no calibration tokens were seen; give a non-empty --data file")
         return {name: (s / self.num_tokens).float() for name, s in self.sums.items()}
 
-    def select(self, rule: str = "qk", r: int = 8, seed: int = 0) -> torch.Tensor:
+    def select(self, rule: str = "qkc", r: int = 8, seed: int = 0) -> torch.Tensor:
         """Channel indices [layers, Hkv, r] chosen by `rule` from the accumulated statistics."""
         return select_channels(self.means() if rule in STATISTICS else None, rule, r, self.shape, seed)
 
@@ -126,7 +131,9 @@ def record_statistics(sums: dict[str, torch.Tensor], layer: int, q: torch.Tensor
     Hkv = k.shape[1]
     qg = q.float().view(T, Hkv, Hq // Hkv, D)  # [T, Hkv, G, D]
     kf = k.float()
+    kc = kf - kf.mean(dim=0, keepdim=True)  # [T, Hkv, D], centred over this window's tokens
     sums["qk"][layer] += (qg * kf[:, :, None, :]).abs().sum(dim=(0, 2)).double().cpu()
+    sums["qkc"][layer] += (qg * kc[:, :, None, :]).abs().sum(dim=(0, 2)).double().cpu()
     sums["q"][layer] += qg.abs().sum(dim=(0, 2)).double().cpu()
     sums["k"][layer] += kf.abs().sum(dim=0).double().cpu()
 
@@ -173,7 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="calibration text: .txt or .jsonl with a text field (not the text you evaluate on)")
     parser.add_argument("--out", required=True, help="channels.json to write")
-    parser.add_argument("--rule", default="qk", choices=RULES, help="selection rule stored as the file's choice")
+    parser.add_argument("--rule", default="qkc", choices=RULES,
+                        help="selection rule stored as the file's choice (default qkc; qk is the paper's)")
     parser.add_argument("--r", type=int, default=None, help="label channels per KV head (default head_dim // 16)")
     parser.add_argument("--window", type=int, default=1024, help="tokens per calibration window (default 1024)")
     parser.add_argument("--num-windows", type=int, default=8, help="windows to run (default 8; 0 = all)")
@@ -182,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
-def calibrate(model_name: str, data: str | Path, out: str | Path, rule: str = "qk", r: int | None = None,
+def calibrate(model_name: str, data: str | Path, out: str | Path, rule: str = "qkc", r: int | None = None,
               window: int = 1024, num_windows: int | None = 8, seed: int = 0, dtype: str = "auto",
               device: str = "auto") -> Path:
     """Calibrate `model_name` on `data` and write `out`. Each finished window is appended to
@@ -202,7 +210,8 @@ def calibrate(model_name: str, data: str | Path, out: str | Path, rule: str = "q
     if not windows:
         raise LmstackError(f"{data} has fewer than {window} tokens; give more text or a smaller --window")
     out = Path(out)
-    header = {"model": model_signature(model_name, cfg), "data": str(data), "window": window}
+    header = {"model": model_signature(model_name, cfg), "data": str(data), "window": window,
+              "statistics": list(STATISTICS)}
     calib = ChannelCalibrator(cfg)
     partial = out.with_name(out.name + ".partial.jsonl")
     done = _resume(partial, header, calib)
@@ -219,8 +228,9 @@ def calibrate(model_name: str, data: str | Path, out: str | Path, rule: str = "q
     file = ChannelFile(model=header["model"], rule=rule, r=r, channels=calib.select(rule, r, seed),
                        stats=calib.means(), seed=seed,
                        calibration={"data": str(data), "window": window, "num_windows": len(windows),
-                                    "num_tokens": calib.num_tokens, "statistic": "mean over tokens of |q_c k_c| "
-                                    "(summed over the group's query heads), |q_c| and |k_c|, after RoPE"})
+                                    "num_tokens": calib.num_tokens, "statistic": "mean over tokens of |q_c k_c| and "
+                                    "|q_c (k_c - window mean of k_c)| (summed over the group's query heads), "
+                                    "|q_c| and |k_c|, after RoPE"})
     file.save(out)
     partial.unlink(missing_ok=True)
     return out

@@ -60,7 +60,7 @@ class DoubleSparseConfig:
     """Settings of the backend, given as `LLM(..., attention_backend="double_sparse", attention_options={...})`."""
 
     channels: str | None = None  # channels.json from `lmstack sparsity calibrate`, or "random" / "first"
-    rule: str | None = None  # re-select from the file's statistics: qk, q, k, random, first (default: the file's)
+    rule: str | None = None  # re-select from the file's statistics: qkc, qk, q, k, random, first (default: the file's)
     r: int | None = None  # label channels per KV head (default: the file's r, or head_dim // 16)
     seed: int = 0  # for the random rule
     token_budget: float | int = 1 / 16  # tokens attended per decode query: fraction of the context, or a count

@@ -159,7 +159,7 @@ def ds_causal_attention(
         qh = q[:, heads].transpose(0, 1).float()  # [h, L, D]
         kh = k[:, kv_heads].transpose(0, 1).float()  # [h, S, D]
         vh = v[:, kv_heads].transpose(0, 1).float()
-        ch = channels[kv_heads].to(q.device)  # [h, r]
+        ch = channels.to(q.device)[kv_heads]  # [h, r]; the channel table may live on the CPU
         q_lab = torch.gather(qh, 2, ch[:, None, :].expand(-1, L, -1))  # [h, L, r]
         k_lab = torch.gather(kh, 2, ch[:, None, :].expand(-1, S, -1))  # [h, S, r]
         if quantized_labels:

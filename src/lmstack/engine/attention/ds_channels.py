@@ -128,10 +128,10 @@ class ChannelFile:
         stats = None
         if data.get("stats") is not None:
             raw = data["stats"]
-            if not isinstance(raw, dict) or set(raw) != set(STATISTICS):
-                raise bad(f"'stats' must hold exactly {', '.join(STATISTICS)}")
+            if not isinstance(raw, dict) or not raw or not set(raw) <= set(STATISTICS):
+                raise bad(f"'stats' must hold some of {', '.join(STATISTICS)} and nothing else")
             try:
-                stats = {name: torch.tensor(raw[name], dtype=torch.float32) for name in STATISTICS}
+                stats = {name: torch.tensor(raw[name], dtype=torch.float32) for name in raw}
             except (TypeError, ValueError, RuntimeError):
                 raise bad("'stats' must be [layers][kv_heads][head_dim] lists of numbers") from None
             if any(tuple(t.shape) != (layers, hkv, dim) or not torch.isfinite(t).all() for t in stats.values()):
