@@ -374,3 +374,15 @@ def test_channel_file_for_another_model_or_missing_is_a_clear_error(tiny_tokeniz
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(LmstackError, match="not readable JSON"):
         resolve_channels(str(tmp_path / "junk.json"), cfg, None, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_prefill_on_cuda_takes_a_channel_table_kept_on_the_cpu() -> None:
+    g = torch.Generator().manual_seed(3)
+    L, Hq, Hkv, D = 96, 4, 2, 32
+    q, k, v = (torch.randn(L, h, D, generator=g).cuda() for h in (Hq, Hkv, Hkv))
+    channels = torch.stack([torch.randperm(D, generator=g)[:4] for _ in range(Hkv)])  # [Hkv, r] on the CPU
+    on_cpu = ref.ds_causal_attention(q, k, v, channels, 8, 0, D ** -0.5)
+    on_gpu = ref.ds_causal_attention(q, k, v, channels.cuda(), 8, 0, D ** -0.5)
+    torch.testing.assert_close(on_cpu, on_gpu)
