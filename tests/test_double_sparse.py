@@ -263,7 +263,8 @@ def test_centred_rule_skips_a_constant_key_channel_that_cannot_rank_tokens() -> 
     exact = (q[:, 0] @ k[:, 0].T).topk(32, dim=-1).indices
     for ch, floor in ((7, 0.3), (3, None)):
         approx = (q[:, 0, ch:ch + 1] @ k[:, 0, ch:ch + 1].T).topk(32, dim=-1).indices
-        overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(approx, exact, strict=True)) / exact.numel()
+        shared = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(approx, exact, strict=True))
+        overlap = shared / exact.numel()
         if floor is None:
             assert overlap < 0.15  # the bias channel ranks tokens at about chance (32 / 512)
         else:

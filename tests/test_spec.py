@@ -18,6 +18,7 @@ from lmstack.engine.attention import AttentionBackend, AttentionMetadata
 from lmstack.engine.sampler import sampling_probs
 from lmstack.engine.spec import NgramProposer, rejection_sample
 from lmstack.engine.spec.controller import (
+    FEATURES,
     Acceptance,
     SmartSpec,
     StepShape,
@@ -293,26 +294,29 @@ def test_engine_sampling_matches_the_target_distribution(target) -> None:
 # ----- the SmartSpec controller -----
 
 def _planted(c: np.ndarray, draft_forwards: bool = True, seed: int = 0, **kw) -> SmartSpec:
-    """A SmartSpec whose latency samples come from step time = features @ c (plus 1% noise)."""
+    """A SmartSpec whose latency samples come from step time = features @ c (plus 1% noise); coefficients
+    missing from the end of `c` are zero."""
+    c = np.pad(c, (0, len(FEATURES) - len(c)))
     rng = np.random.default_rng(seed)
     ctl = SmartSpec(5, draft_forwards, **kw)
     for _ in range(8):
         for k in range(6):
             b = int(rng.integers(1, 32))
-            f = step_features(b * (k + 1), int(rng.integers(100, 4000)), k, b * k)
+            f = step_features(b * (k + 1), int(rng.integers(100, 4000)), k, b * k, b if k else 0)
             ctl.observe_step(k, b, f, float(f @ c) * (1 + 0.01 * rng.standard_normal()))
     return ctl
 
 
 def test_latency_fit_recovers_a_planted_model() -> None:
-    c = np.array([0.02, 0.001, 2e-6, 0.004, 0.0005])
+    c = np.array([0.02, 0.001, 2e-6, 0.004, 0.0005, 0.01, 0.002])
     rng = np.random.default_rng(1)
     x = np.stack([step_features(int(rng.integers(1, 200)), int(rng.integers(10, 9000)), int(rng.integers(0, 6)),
-                                int(rng.integers(0, 150))) for _ in range(200)])
+                                int(rng.integers(0, 150)), int(rng.integers(0, 3)) * int(rng.integers(1, 9)))
+                  for _ in range(200)])
     fit = fit_nonnegative(x, x @ c)
     np.testing.assert_allclose(fit, c, rtol=1e-6)
     assert _planted(c).coef == pytest.approx(c, rel=0.25)
-    assert np.all(fit_nonnegative(x, x @ np.array([0.02, 0.001, 0, 0, 0]) * 0.999) >= 0)
+    assert np.all(fit_nonnegative(x, x @ np.array([0.02, 0.001, 0, 0, 0, 0, 0]) * 0.999) >= 0)
 
 
 def _shape(n: int) -> StepShape:
@@ -384,6 +388,125 @@ def test_smartspec_corrects_a_nonlinear_step_time() -> None:
     assert ctl.choose(_shape(1)) == 0
     assert ctl.predict(ctl.features(_shape(1), 0), 0, 1) == pytest.approx(0.36, rel=0.05)
     assert ctl.predict(ctl.features(_shape(1), 3), 3, 1) == pytest.approx(seconds(4, 3), rel=0.05)
+
+
+def _measured(seconds, draft_forwards: bool = False) -> SmartSpec:
+    """A SmartSpec that measured steps of 1-8 decodes at every k, timed by seconds(batch, k) (1% noise);
+    steps with proposals are mixed, as the decoder records them."""
+    rng = np.random.default_rng(3)
+    ctl = SmartSpec(5, draft_forwards)
+    for _ in range(6):
+        for k in range(6):
+            for b in (1, 2, 4, 8):
+                f = step_features(b * (k + 1), 300 * b + b * k, k if draft_forwards else 0,
+                                  b * k if draft_forwards else 0, b if k else 0)
+                ctl.observe_step(k, b, f, seconds(b, k) * (1 + 0.01 * rng.standard_normal()))
+    return ctl
+
+
+def _set_rates(ctl: SmartSpec, alphas: list[float]) -> None:
+    """Request i's proposals of 5 tokens accepted token by token with probability alphas[i]."""
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        for key, alpha in enumerate(alphas):
+            draws = rng.random(5) < alpha
+            ctl.observe_acceptance(key, 5, 5 if draws.all() else int(np.argmin(draws)))
+
+
+def test_smartspec_models_the_jump_of_leaving_the_decode_path() -> None:
+    """CPU-like steps: any proposal moves every sequence of the step to per-sequence attention (10 ms each),
+    while a proposed token itself costs 0.2 ms. The model puts the jump on the mixed-step features, so a
+    longer proposal is predicted nearly free once a step speculates and K wins at 75% acceptance; a model
+    linear in tokens alone spreads the jump over the tokens and prefers a shorter k."""
+
+    def seconds(b: int, k: int) -> float:
+        return 0.04 + 0.004 * b + 0.0002 * b * k + (0.01 * b if k else 0.0)
+
+    ctl = _measured(seconds)
+    for b in (1, 8):
+        for k in (0, 1, 5):
+            assert ctl.predict(ctl.features(_shape(b), k), k, b) == pytest.approx(seconds(b, k), rel=0.05)
+    _set_rates(ctl, [0.75] * 8)
+    assert ctl.choose(_shape(8)) == 5
+    prefill = StepShape(batched_tokens=40, kv_tokens=2432, num_other_samples=1, keys=list(range(8)),
+                        caps=[5] * 8, num_chunks=9, mixed=True)  # a prompt chunk rides along: mixed anyway
+    assert ctl.features(prefill, 0)[FEATURES.index("mixed_seqs")] == 9
+    assert ctl.features(_shape(8), 0)[FEATURES.index("mixed_seqs")] == 0
+
+
+def test_smartspec_trims_proposals_that_do_not_pay() -> None:
+    """Every batched token costs 2 ms: four requests whose proposals are accepted propose K, four whose
+    proposals are rejected propose nothing, and that beats both plain decoding and K for everyone."""
+    ctl = _measured(lambda b, k: 0.04 + 0.002 * b * (k + 1))
+    _set_rates(ctl, [0.98] * 4 + [0.05] * 4)
+    lengths = ctl.plan(_shape(8))
+    assert lengths == [5] * 4 + [0] * 4
+    assert ctl.goodput(_shape(8), lengths) > 1.2 * max(ctl.goodput(_shape(8), k) for k in range(6))
+    _set_rates(ctl, [0.98] * 8)
+    assert ctl.plan(_shape(8)) == [5] * 8
+
+
+def _engine(target, **config) -> LLMEngine:
+    model, tok = target
+    return LLMEngine(model, tok, EngineConfig(num_kv_blocks=64, max_model_len=256, max_num_batched_tokens=256,
+                                              speculative="ngram", **config))
+
+
+def _finish(engine: LLMEngine, prompts: list[list[int]]) -> dict[int, list[int]]:
+    for i, p in enumerate(prompts):
+        engine.add_request(p, GREEDY, request_id=str(i))
+    done = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.outputs[0].token_ids
+    return done
+
+
+def test_steps_without_proposals_are_plain_steps(target, reference, monkeypatch) -> None:
+    """When the n-gram lookup finds nothing, no k is worth choosing and the step is the runner's own plain
+    step (its sampler; a CUDA graph on GPU), not a speculative one that proposes nothing."""
+    engine = _engine(target, spec_k="smart")
+    monkeypatch.setattr(engine.spec.proposer, "lookup", lambda tokens, k: [])
+    plain = []
+    execute = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda *a, **kw: plain.append(1) or execute(*a, **kw))
+    done = _finish(engine, PROMPTS)
+    assert done == reference
+    assert len(plain) == engine.stats["steps"] and engine.spec.controller.chosen == {0: len(plain)}
+    assert engine.blocks.num_used == 0
+
+
+def test_free_proposals_are_looked_up_before_choosing(target, reference, monkeypatch) -> None:
+    """The controller sees what each request can propose: only request 0 has proposals here, so the others'
+    caps are 0 (they neither count as expected tokens nor make the step mixed)."""
+    engine = _engine(target, spec_k="smart")
+    first = PROMPTS[0]
+    monkeypatch.setattr(engine.spec.proposer, "lookup",
+                        lambda tokens, k: [tokens[-1]] * k if tokens[:len(first)] == first else [])
+    seen = []
+    plan = engine.spec.controller.plan
+
+    def recording(shape: StepShape) -> list[int]:
+        seen.append([(s.request_id, c) for s, c in zip(shape.keys, shape.caps, strict=True)])
+        return plan(shape)
+
+    monkeypatch.setattr(engine.spec.controller, "plan", recording)
+    assert _finish(engine, PROMPTS) == reference
+    caps = [(rid, c) for step in seen for rid, c in step]
+    assert all(c == 0 for rid, c in caps if rid != "0")
+    assert any(c > 0 for rid, c in caps if rid == "0")
+    assert engine.blocks.num_used == 0
+
+
+def test_profiles_of_another_version_are_not_merged() -> None:
+    ctl = _planted(np.array([0.05, 1e-4, 1e-7, 0.002, 1e-5]))
+    old = {"version": 2, "features": list(FEATURES[:5]), "acceptance": 0.9, "accepted_tokens": 90,
+           "tested_tokens": 100, "samples": [[1, 4, 1.0, 8.0, 1200.0, 1.0, 4.0, 0.01]]}
+    merged = merge_profiles([old, ctl.profile()])
+    assert merged["samples"] == ctl.profile()["samples"]
+    assert merged["tested_tokens"] == ctl.acceptance.total_tested
+    make_controller("smart", 5, True).load_profile(merged)
 
 
 def test_acceptance_and_expected_tokens() -> None:

@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, default=1024, help="perplexity window in tokens (default 1024)")
     parser.add_argument("--num-windows", type=int, default=8,
                         help="windows per model, spread evenly over the test text (default 8)")
-    parser.add_argument("--ppl-variants", default="dense,ds_1_8,ds_1_16,qk_channels_1_16,random_channels_1_16,first_channels_1_16",
+    parser.add_argument("--ppl-variants",
+                        default="dense,ds_1_8,ds_1_16,qk_channels_1_16,random_channels_1_16,first_channels_1_16",
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--retrieval-lengths", default="512,1024,2048", help="prompt lengths in tokens")
     parser.add_argument("--retrieval-samples", type=int, default=8, help="samples per length (default 8)")

@@ -265,7 +265,13 @@ def _paths(args: argparse.Namespace, device_type: str) -> tuple[Path, Path, Path
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by `args`, write results JSON + PNG, return the metrics."""
-    from lmstack.bench.policy_summary import plot_latency_vs_rate, plot_title, print_table, steady_capacity, summary_metrics
+    from lmstack.bench.policy_summary import (
+        plot_latency_vs_rate,
+        plot_title,
+        print_table,
+        steady_capacity,
+        summary_metrics,
+    )
     from lmstack.models import resolve_device
 
     policies = _check(args)

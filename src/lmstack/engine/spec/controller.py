@@ -7,22 +7,33 @@ SmartSpec weighs both every step: for each k in 0..K it predicts
     goodput(k) = sum over requests of (1 - a^(k+1)) / (1 - a)   /   predicted step time(k)
 
 where a is the request's acceptance rate, so the numerator is the expected number of tokens the request
-emits, and picks the best k (k = 0 is plain decoding: one token per request).
+emits, and picks the best k (k = 0 is plain decoding: one token per request). Within that k, a request whose
+next proposal would earn less than the step's goodput (its n-th proposal emits a token with probability a^n,
+and costs the step's time per token) proposes fewer: under load, poorly accepted requests stop padding the
+batch while well accepted ones keep proposing K.
 
 - Acceptance: an exponential moving average of accepted / tested proposal tokens, globally and per request
   (a request's own average is shrunk toward the global one while it has few observations). A proposal of
   k tokens of which a were accepted tested a + 1 tokens (a when all were accepted).
 - Step time: a linear model of measured step times on (batched tokens, KV tokens, draft forwards, draft
-  tokens), fitted by non-negative least squares on relative error from recent steps, kept per (k, batch
-  size) so that rarely chosen k values are not forgotten, and refitted every few steps. Hardware is not
-  always linear (on CPU a 2-row matrix product can cost twice a 1-row one), so each (k, decode batch size)
-  group that has been measured also corrects the model by its median ratio of measured to predicted time.
-  It can be warm-started from a profile file written by an earlier run.
+  tokens, mixed, mixed sequences), fitted by non-negative least squares on relative error from recent steps,
+  kept per (k, batch size) so that rarely chosen k values are not forgotten, and refitted every few steps.
+  A step is *mixed* when some chunk has more than one token (a prefill, or any proposal at all): it leaves
+  the pure-decode fast path (batched decode attention, a CUDA graph) for per-sequence attention run eagerly,
+  a jump paid once per step and once per sequence in it, whatever k is. A model linear in tokens alone
+  spreads that jump over the proposed tokens and so predicts that each extra proposal costs much more than
+  it does, which made mid-sized k look better than K. Hardware is still not always linear (on CPU a 2-row
+  matrix product can cost twice a 1-row one), so each (speculating or not, decode batch size) group that has
+  been measured also corrects the model by its median ratio of measured to predicted time; the speculative
+  k values share one group, since per-k medians of a few noisy steps would rank equally dear k values at
+  random. The model can be warm-started from a profile file written by an earlier run.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
   for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
   would win even if every proposal were accepted (e.g. on a GPU where plain decode steps replay a CUDA graph
-  and speculative steps, 10x dearer, run eagerly): then exploring could only cost time. A k no step has used
-  yet is predicted by the linear model alone; once chosen, it is measured and corrected.
+  and speculative steps, 10x dearer, run eagerly): then exploring could only cost time.
+- The caps of a step are what each request can propose: with a free proposer (n-gram lookup) the decoder
+  looks proposals up before choosing, so a request without a match counts neither as expected tokens nor as
+  a reason to leave the decode fast path.
 """
 
 from __future__ import annotations
@@ -41,8 +52,8 @@ import numpy as np
 from lmstack.atomic import write_text_atomic
 from lmstack.errors import LmstackError
 
-FEATURES = ("intercept", "batched_tokens", "kv_tokens", "draft_forwards", "draft_tokens")
-PROFILE_VERSION = 2
+FEATURES = ("intercept", "batched_tokens", "kv_tokens", "draft_forwards", "draft_tokens", "mixed", "mixed_seqs")
+PROFILE_VERSION = 3
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -58,9 +69,11 @@ def expected_tokens(alpha: float, k: int) -> float:
 class StepShape:
     """What a step is made of before speculation: the controller adds each candidate k on top of it.
 
-    `caps[i]` is the most tokens decode request i may propose (remaining output budget, context window);
-    `keys[i]` identifies it for its acceptance rate. Chunks that sample but do not decode (the last
-    prefill chunk of a prompt) emit one token whatever k is.
+    `caps[i]` is the most tokens decode request i may propose (remaining output budget, context window, and
+    for a free proposer the tokens it found); `keys[i]` identifies it for its acceptance rate. Chunks that
+    sample but do not decode (the last prefill chunk of a prompt) emit one token whatever k is.
+    `num_chunks` counts every chunk of the step (default: the decodes); `mixed` says that one of them
+    already has more than one token (a prefill chunk), so the step is mixed whatever k is.
     """
 
     batched_tokens: int
@@ -68,18 +81,27 @@ class StepShape:
     num_other_samples: int
     keys: list[Any]
     caps: list[int]
+    num_chunks: int | None = None
+    mixed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_chunks is None:
+            self.num_chunks = len(self.caps)
 
 
-def step_features(batched_tokens: int, kv_tokens: int, draft_forwards: int, draft_tokens: int) -> np.ndarray:
-    return np.array([1.0, batched_tokens, kv_tokens, draft_forwards, draft_tokens], dtype=np.float64)
+def step_features(batched_tokens: int, kv_tokens: int, draft_forwards: int, draft_tokens: int,
+                  mixed_seqs: int = 0) -> np.ndarray:
+    """The latency model's inputs; `mixed_seqs` is the number of chunks of a mixed step (0: a pure decode)."""
+    return np.array([1.0, batched_tokens, kv_tokens, draft_forwards, draft_tokens, float(mixed_seqs > 0),
+                     mixed_seqs], dtype=np.float64)
 
 
 def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """argmin ||(x c - y) / y|| over c >= 0: exact NNLS by trying every support (5 features: 31 subsets).
+    """argmin ||(x c - y) / y|| over c >= 0: exact NNLS by trying every support (7 features: 127 subsets).
 
     Relative error, so that cheap decode steps are fitted as well as long prefills; non-negative, since no
     extra token makes a step faster. Each support is solved on the normal equations of the column-scaled
-    problem (5 x 5), so a refit costs the same for 30 samples or 3,000: it runs between engine steps.
+    problem (at most 7 x 7), so a refit costs the same for 30 samples or 3,000: it runs between engine steps.
     """
     w = 1.0 / np.maximum(y, 1e-9)
     xw, yw = x * w[:, None], y * w
@@ -143,6 +165,11 @@ def size_bucket(num_decodes: int) -> int:
     return num_decodes.bit_length()
 
 
+def correction_group(k: int, num_decodes: int) -> tuple[bool, int]:
+    """The group whose median error corrects a prediction: speculating or not, and the decode batch size."""
+    return k > 0, size_bucket(num_decodes)
+
+
 Sample = tuple[int, np.ndarray, float]  # (decode requests, features, seconds)
 
 
@@ -161,6 +188,11 @@ class Controller:
     def choose(self, shape: StepShape) -> int:
         raise NotImplementedError
 
+    def plan(self, shape: StepShape) -> list[int]:
+        """How many tokens each decode request proposes this step: the chosen k, within each cap."""
+        k = self.choose(shape)
+        return [min(k, c) for c in shape.caps]
+
     def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
         """A finished step: its longest proposal, decode requests, features and wall time."""
         key = (k, size_bucket(num_decodes))
@@ -174,13 +206,15 @@ class Controller:
     def forget(self, key: Any) -> None:
         self.acceptance.forget(key)
 
-    def features(self, shape: StepShape, k: int) -> np.ndarray:
-        """Predicted features of the step if every request proposes min(k, its cap) tokens."""
-        ks = [min(k, c) for c in shape.caps]
+    def features(self, shape: StepShape, k: int | Seq[int]) -> np.ndarray:
+        """Predicted features of the step if every request proposes min(k, its cap) tokens (or, for a list,
+        request i proposes k[i])."""
+        ks = [min(k, c) for c in shape.caps] if isinstance(k, int) else list(k)
         extra = sum(ks)
         forwards = max(ks, default=0) if self.draft_forwards else 0
+        mixed = shape.mixed or extra > 0
         return step_features(shape.batched_tokens + extra, shape.kv_tokens + extra, forwards,
-                             extra if self.draft_forwards else 0)
+                             extra if self.draft_forwards else 0, shape.num_chunks if mixed else 0)
 
     # ----- profiles -----
     def profile(self) -> dict[str, Any]:
@@ -223,7 +257,7 @@ class SmartSpec(Controller):
         self.explore_every = explore_every
         self.min_samples = min_samples
         self.coef: np.ndarray | None = None
-        self.correction: dict[tuple[int, int], float] = {}  # (k, size bucket) -> median measured / predicted
+        self.correction: dict[tuple[bool, int], float] = {}  # `correction_group` -> median measured / predicted
         self._since_fit = 0
         self._zero_streak = 0
         self._cycle = 0
@@ -249,49 +283,77 @@ class SmartSpec(Controller):
             counts[k] = counts.get(k, 0) + len(q)
         if sum(n >= self.min_samples for n in counts.values()) < min(3, self.max_k + 1):
             return
-        groups = [(key, q) for key, q in self.samples.items() if q]
-        x = np.stack([f for _, q in groups for _, f, _ in q])  # [samples, features], grouped by (k, size)
-        y = np.array([t for _, q in groups for _, _, t in q])
+        rows = [((k, n), f, t) for (k, _), q in self.samples.items() for n, f, t in q]
+        x = np.stack([f for _, f, _ in rows])  # [samples, features]
+        y = np.array([t for _, _, t in rows])
         self.coef = fit_nonnegative(x, y)
-        ratio = (y / np.maximum(x @ self.coef, 1e-9)).tolist()
-        self.correction = {}
-        start = 0
-        for key, q in groups:
-            if len(q) >= self.min_samples:
-                self.correction[key] = statistics.median(ratio[start:start + len(q)])
-            start += len(q)
+        ratios: dict[tuple[bool, int], list[float]] = {}
+        for ((k, n), _, _), measured, predicted in zip(rows, y, x @ self.coef, strict=True):
+            ratios.setdefault(correction_group(k, n), []).append(float(measured / max(predicted, 1e-9)))
+        self.correction = {g: statistics.median(r) for g, r in ratios.items() if len(r) >= self.min_samples}
 
     def predict(self, features: np.ndarray, k: int = 0, num_decodes: int = 0) -> float:
-        """Seconds of a step with these features, corrected by its (k, batch size) group when measured."""
+        """Seconds of a step with these features, corrected by its `correction_group` when measured."""
         if self.coef is None:
             raise RuntimeError("the latency model is not fitted yet")
         linear = max(float(features @ self.coef), 1e-9)
-        return linear * self.correction.get((k, size_bucket(num_decodes)), 1.0)
+        return linear * self.correction.get(correction_group(k, num_decodes), 1.0)
 
-    def goodput(self, shape: StepShape, k: int, alphas: Seq[float] | None = None) -> float:
-        """Predicted tokens per second of the step at proposal length k; `alphas` (one acceptance rate per
-        decode request) default to the tracked ones."""
+    def goodput(self, shape: StepShape, k: int | Seq[int], alphas: Seq[float] | None = None) -> float:
+        """Predicted tokens per second of the step at proposal length k (or per-request lengths); `alphas`
+        (one acceptance rate per decode request) default to the tracked ones."""
         if alphas is None:
             alphas = [self.acceptance.of(key) for key in shape.keys]
-        tokens = shape.num_other_samples + sum(
-            expected_tokens(a, min(k, cap)) for a, cap in zip(alphas, shape.caps, strict=True))
-        k_eff = max((min(k, c) for c in shape.caps), default=0)
-        return tokens / self.predict(self.features(shape, k), k_eff, len(shape.caps))
+        lengths = [min(k, c) for c in shape.caps] if isinstance(k, int) else list(k)
+        tokens = shape.num_other_samples + sum(expected_tokens(a, n) for a, n in zip(alphas, lengths, strict=True))
+        return tokens / self.predict(self.features(shape, lengths), max(lengths, default=0), len(shape.caps))
 
     def choose(self, shape: StepShape) -> int:
+        return max(self.plan(shape), default=0)
+
+    def plan(self, shape: StepShape) -> list[int]:
+        """The best k's lengths, each request's trimmed to what pays for it (see `trim`)."""
         if not shape.caps or max(shape.caps) == 0:
-            return 0
+            return [0] * len(shape.caps)
         if self.coef is None:  # measuring: cycle through every k
             self._cycle += 1
-            return self._cycle % (self.max_k + 1)
+            return [min(self._cycle % (self.max_k + 1), c) for c in shape.caps]
         alphas = [self.acceptance.of(key) for key in shape.keys]
-        scores = [self.goodput(shape, k, alphas) for k in range(self.max_k + 1)]
-        k = int(np.argmax(scores))
-        self._zero_streak = self._zero_streak + 1 if k == 0 else 0
-        if self._zero_streak >= self.explore_every and self._could_pay(shape, scores[0]):
+        options = [self.trim(shape, k, alphas) for k in range(self.max_k + 1)]
+        best = max(range(len(options)), key=lambda k: options[k][0])
+        lengths = options[best][1]
+        self._zero_streak = self._zero_streak + 1 if max(lengths) == 0 else 0
+        if self._zero_streak >= self.explore_every and self._could_pay(shape, options[0][0]):
             self._zero_streak = 0
-            return 1
-        return k
+            return [min(1, c) for c in shape.caps]
+        return lengths
+
+    def trim(self, shape: StepShape, k: int, alphas: Seq[float]) -> tuple[float, list[int]]:
+        """Proposal length k, less the proposals that earn less than the step's goodput: (goodput, lengths).
+
+        A request's n-th proposed token emits one more token with probability alpha^n, and costs the step's
+        time per token; once a step speculates, a request whose acceptance is low adds tokens worth less than
+        the time they add (a loaded batch) and proposes fewer. Dropping only proposals below the step's
+        average rate raises that rate; the trimmed lengths are kept where the model agrees.
+        """
+        lengths = [min(k, c) for c in shape.caps]
+        score = self.goodput(shape, lengths, alphas)
+        if k == 0:
+            return score, lengths
+        features = self.features(shape, lengths)
+        one = np.zeros(len(FEATURES))
+        one[[FEATURES.index("batched_tokens"), FEATURES.index("kv_tokens")]] = 1.0
+        if self.draft_forwards:
+            one[FEATURES.index("draft_tokens")] = 1.0
+        per_token = self.predict(features, k, len(shape.caps)) - self.predict(features - one, k, len(shape.caps))
+        trimmed = list(lengths)
+        for i, a in enumerate(alphas):
+            while trimmed[i] > 0 and a ** trimmed[i] < score * per_token:
+                trimmed[i] -= 1
+        if trimmed == lengths:
+            return score, lengths
+        trimmed_score = self.goodput(shape, trimmed, alphas)
+        return (trimmed_score, trimmed) if trimmed_score > score else (score, lengths)
 
     def _could_pay(self, shape: StepShape, plain: float) -> bool:
         """Whether some k > 0 would beat plain decoding if every proposal were accepted."""
@@ -320,7 +382,11 @@ def read_profile(path: str | Path) -> dict[str, Any]:
 
 
 def merge_profiles(profiles: Seq[dict[str, Any]], **meta: Any) -> dict[str, Any]:
-    """Several profiles (e.g. one per benchmark run) as one: all samples, acceptance over all tested tokens."""
+    """Several profiles (e.g. one per benchmark run) as one: all samples, acceptance over all tested tokens.
+
+    Profiles of another version or feature set (an older run's) are skipped: their samples do not fit the model.
+    """
+    profiles = [p for p in profiles if p.get("version") == PROFILE_VERSION and p.get("features") == list(FEATURES)]
     tested = sum(p.get("tested_tokens", 0) for p in profiles)
     accepted = sum(p.get("accepted_tokens", 0) for p in profiles)
     return {"version": PROFILE_VERSION, "features": list(FEATURES), **meta,

@@ -6,6 +6,11 @@ returns logits at all k + 1 positions. Rejection sampling turns them into 1..k+1
 engine appends those one by one (stop checks run per token) and calls `rollback`, which keeps the accepted
 tokens' K/V (num_computed counts them) and frees the blocks reserved for rejected ones, in both caches;
 their stale K/V is simply overwritten later. Speculative steps run eagerly (no CUDA graph).
+
+A free proposer (n-gram lookup) is asked before k is chosen, for as many tokens as each request may propose,
+so the controller knows which requests have a proposal at all; the chosen k then cuts them. A step in which
+nothing is proposed is a plain step (the runner's own sampler, a CUDA graph for decodes), as cheap as with
+speculation off.
 """
 
 from __future__ import annotations
@@ -65,33 +70,54 @@ class SpecDecoder:
         """Run the step; return each sampling chunk's new tokens (and logprobs), in chunk order."""
         t0 = time.perf_counter()
         decodes = [c for c in sched.chunks if c.samples and c.num_tokens == 1]
+        caps = [self._cap(c.seq) for c in decodes]
+        found: list[list[int]] | None = None
+        if self.proposer.free and any(caps):
+            found = self.proposer.propose([c.seq for c in decodes], caps).tokens
+            caps = [len(t) for t in found]
         shape = StepShape(batched_tokens=sched.num_tokens,
                           kv_tokens=sum(c.start + c.num_tokens for c in sched.chunks),
                           num_other_samples=sum(c.samples for c in sched.chunks) - len(decodes),
-                          keys=[c.seq for c in decodes], caps=[self._cap(c.seq) for c in decodes])
-        k = self.controller.choose(shape) if decodes else 0
-        proposing = self._reserve(decodes, [min(k, cap) for cap in shape.caps],
-                                  self.config.max_num_batched_tokens - sched.num_tokens)
+                          keys=[c.seq for c in decodes], caps=caps, num_chunks=len(sched.chunks),
+                          mixed=not sched.is_decode)
+        lengths = self.controller.plan(shape) if decodes else []
+        proposing = self._reserve(decodes, lengths, self.config.max_num_batched_tokens - sched.num_tokens)
         proposal = Proposal([])
-        if proposing:
+        if proposing and found is not None:
+            row = {id(c): i for i, c in enumerate(decodes)}
+            proposal = Proposal([found[row[id(c)]][:n] for c, n in proposing])
+        elif proposing:
             proposal = self.proposer.propose([c.seq for c, _ in proposing], [n for _, n in proposing])
-            for (c, _), tokens in zip(proposing, proposal.tokens, strict=True):
-                c.spec_tokens = tokens
-                self.blocks.truncate(c.seq, c.start + 1 + len(tokens))  # a proposer may return fewer than asked
+        for (c, _), tokens in zip(proposing, proposal.tokens, strict=True):
+            c.spec_tokens = tokens
+            self.blocks.truncate(c.seq, c.start + 1 + len(tokens))  # a proposer may return fewer than asked
+        t1 = time.perf_counter()
+        timings["propose_s"] = timings.get("propose_s", 0.0) + (t1 - t0)
+        num_spec = sum(len(c.spec_tokens) for c in sched.chunks)
+        if num_spec:
+            out = self._speculative(sched, timings, on_launch, proposal,
+                                    {id(c): i for i, (c, _) in enumerate(proposing)})
+        else:
+            tokens, logprobs = self.runner.execute(sched, timings, on_launch)
+            out = [([t], [lp]) for t, lp in zip(tokens, logprobs, strict=True)]
+        features = step_features(sched.num_tokens + num_spec, shape.kv_tokens + num_spec, proposal.draft_forwards,
+                                 proposal.draft_tokens, 0 if sched.is_decode else len(sched.chunks))
+        self._pending = (max((len(c.spec_tokens) for c in sched.chunks), default=0), len(decodes), features)
+        timings["spec_proposed"] = timings.get("spec_proposed", 0) + num_spec
+        return out
+
+    def _speculative(self, sched: SchedulerOutput, timings: dict[str, float], on_launch: Callable[[], None] | None,
+                     proposal: Proposal, proposal_row: dict[int, int]) -> StepTokens:
+        """The target forward over every chunk and its proposals, then verification."""
         t1 = time.perf_counter()
         logits = self.runner.forward_logits(sched, timings)
         if on_launch is not None:
             on_launch()
         t2 = time.perf_counter()
-        out = self._verify(sched, logits, proposal, {id(c): i for i, (c, _) in enumerate(proposing)})
+        out = self._verify(sched, logits, proposal, proposal_row)
         t3 = time.perf_counter()
-        num_spec = sum(len(c.spec_tokens) for c in sched.chunks)
-        features = step_features(sched.num_tokens + num_spec, shape.kv_tokens + num_spec, proposal.draft_forwards,
-                                 proposal.draft_tokens)
-        self._pending = (max((len(c.spec_tokens) for c in sched.chunks), default=0), len(decodes), features)
-        for key, seconds in (("propose_s", t1 - t0), ("forward_s", t2 - t1), ("sample_s", t3 - t2)):
+        for key, seconds in (("forward_s", t2 - t1), ("sample_s", t3 - t2)):
             timings[key] = timings.get(key, 0.0) + seconds
-        timings["spec_proposed"] = timings.get("spec_proposed", 0) + num_spec
         return out
 
     def observe(self, seconds: float) -> None:

@@ -60,6 +60,8 @@ class ProposerContext:
 class Proposer:
     name: ClassVar[str]
     runs_model: ClassVar[bool] = False  # each proposed token costs a forward of a model
+    # Proposing costs next to nothing and changes no state: the decoder may propose before choosing k.
+    free: ClassVar[bool] = False
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> Proposal:
         raise NotImplementedError
@@ -77,6 +79,7 @@ class Proposer:
 
 class NgramProposer(Proposer):
     name = "ngram"
+    free = True
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
