@@ -7,7 +7,8 @@ the budget attends to all of them, so the per-position sparsity reaches 1/16 onl
 the `*_late` numbers score the second half of each window alone (budget ≤ 1/8 of the context there).
 Channel choices compared on the same windows: calibrated (centred |q_c (k_c - mean k_c)|, the default, and
 the paper's plain |q_c k_c|), random, first-r, |q| and |k|; `ds_1_16_dense2` keeps layers 0 and 1 dense
-(the backend's `dense_layers`), where attention is least concentrated.
+(the backend's `dense_layers`), where attention is least concentrated; `exact_top_1_16` ranks by all of K,
+i.e. the exact top-k tokens at the same budget: what is lost to the token budget alone, not to the labels.
 
 Retrieval: generated `key: value` lists of several lengths through the real engine (`LLM`), dense vs the
 `double_sparse` backend (sparse decode, budget = 1/16 of the context, dense prefill). The first answer
@@ -52,6 +53,10 @@ class Variant:
     sparsity: int = 16
     label_bits: int = 16
     dense_layers: tuple[int, ...] = ()
+    all_channels: bool = False  # labels = all of K: the exact top-k tokens, the best any channel choice can do
+
+    def r(self, head_dim: int) -> int:
+        return head_dim if self.all_channels else max(1, head_dim // self.sparsity)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -65,6 +70,7 @@ VARIANTS: dict[str, Variant] = {
     "k_channels_1_16": Variant("k", 16),
     "ds_1_16_int8": Variant("qkc", 16, label_bits=8),
     "ds_1_16_dense2": Variant("qkc", 16, dense_layers=(0, 1)),
+    "exact_top_1_16": Variant("qkc", 16, all_channels=True),
 }
 
 
@@ -163,7 +169,7 @@ def window_nll(model: torch.nn.Module, ids: list[int], ctx: AttentionBackend) ->
 def _ppl_context(variant: Variant, channels_path: Path, cfg: Any, window: int) -> AttentionBackend:
     if variant.rule is None:
         return AttentionBackend(None)
-    r = max(1, cfg.head_dim // variant.sparsity)
+    r = variant.r(cfg.head_dim)
     ds = DoubleSparseConfig(channels=str(channels_path), rule=variant.rule, r=r,
                             token_budget=window // variant.sparsity, dense_below=0, sparse_prefill=True,
                             label_bits=variant.label_bits, dense_layers=list(variant.dense_layers))
@@ -210,7 +216,7 @@ def run_retrieval(model_name: str, args: argparse.Namespace, variants: list[str]
         options: dict[str, Any] = {}
         if variant.rule is not None:
             head_dim = ChannelFile.load(channels_path).model["head_dim"]
-            options = {"channels": str(channels_path), "rule": variant.rule, "r": max(1, head_dim // variant.sparsity),
+            options = {"channels": str(channels_path), "rule": variant.rule, "r": variant.r(head_dim),
                        "label_bits": variant.label_bits, "token_budget": 1 / variant.sparsity,
                        "dense_layers": list(variant.dense_layers)}
         max_len = max(lengths) + 32
