@@ -597,3 +597,28 @@ def test_serve_flags() -> None:
         speculative_options(parser.parse_args(["serve", "--spec-k", "2"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--speculative", "ngram", "--spec-k", "often"])
+
+
+def test_smartspec_bench_averages_policies_over_their_traces() -> None:
+    from lmstack.bench.smartspec import summarize
+
+    def run(latency: float) -> dict:
+        return {"metrics": {"mean_latency_s": latency, "steps": 10, "tokens": [[1]], "steps_by_k": {"0": 10}}}
+
+    runs = {(1.0, "nospec", 0): run(4.0), (1.0, "nospec", 1): run(6.0), (1.0, "k=3", 0): run(2.0),
+            (1.0, "k=3", 1): run(3.0), (1.0, "smart", 0): run(2.0), (1.0, "smart", 1): run(3.5)}
+    m = summarize(runs, [1.0], ["nospec", "k=3", "smart"])
+    row = m["by_rate"][0]
+    assert row["nospec"]["mean_latency_s"] == 5.0 and row["nospec"]["mean_latency_s_by_trace"] == [4.0, 6.0]
+    assert row["smart"]["traces"] == 2 and row["smart"]["steps_by_k"] == {"0": 10} and "tokens" not in row["smart"]
+    assert m["best_speedup_vs_nospec"] == pytest.approx(2.0)
+    assert m["worst_smart_over_best_fixed"] == pytest.approx(2.75 / 2.5)
+    assert m["worst_smart_over_nospec"] == pytest.approx(2.75 / 5.0)
+
+
+def test_smartspec_bench_rejects_zero_repeats(capsys) -> None:
+    from lmstack.cli import main
+
+    assert main(["bench", "smartspec", "--proposer", "ngram", "--repeats", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--repeats must be >= 1" in err and "Traceback" not in err

@@ -13,6 +13,10 @@ Workloads:
 - `--proposer ngram` (default smollm2-135m-instruct) on prompts that ask to repeat or edit a wikitext-2
   paragraph (`--data quote`).
 
+With `--repeats R` every rate is replayed on R arrival traces (other seeds), the policies taking turns within
+each trace so that drift of the machine touches all of them alike; the results average each policy's metrics
+over its traces and keep every trace's mean latency beside them.
+
 SmartSpec at each rate is warm-started from a profile of the runs before it (the fixed-k runs' step times and
 acceptance), as the paper profiles the batch latency offline, and keeps refitting as it runs. The pooled
 profile is written beside the results for `lmstack serve --spec-profile`. Finished runs are appended to a JSONL
@@ -41,9 +45,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
               "rates": "0.2,1,4", "num_requests": 12, "max_tokens": 64},
 }
 DEFAULT_POLICIES = "nospec,1,3,5,smart"
-_OPTIONS = ("proposer", "model", "spec_model", "data", "policies", "rates", "num_requests", "max_tokens",
-            "max_prompt_len", "max_num_seqs", "spec_max_k", "spec_profile", "temperature", "threads", "dtype",
-            "device", "seed")
+_OPTIONS = ("proposer", "model", "spec_model", "data", "policies", "rates", "repeats", "num_requests",
+            "max_tokens", "max_prompt_len", "max_num_seqs", "spec_max_k", "spec_profile", "temperature", "threads",
+            "dtype", "device", "seed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", default=None,
                         help="comma-separated Poisson rates in requests/s (default: 0.05,0.2,1 for draft, "
                              "0.2,1,4 for ngram: from one request at a time to a full batch on 2 CPU cores)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="arrival traces per rate (other seeds; default 1): latencies are averaged over them, "
+                             "and the policies take turns within each trace, so machine drift touches all alike")
     parser.add_argument("--num-requests", type=int, default=None, help="requests per rate (default 4 draft, 12 ngram)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="output tokens per request at most (default 32 draft, 64 ngram)")
@@ -111,7 +118,7 @@ def _check(args: argparse.Namespace) -> list[tuple[str, int | str | None]]:
         rates = []
     if not rates or min(rates) <= 0:
         raise LmstackError(f"--rates must be positive numbers separated by commas, got {args.rates!r}")
-    for name in ("num_requests", "max_tokens", "max_prompt_len", "max_num_seqs", "spec_max_k"):
+    for name in ("repeats", "num_requests", "max_tokens", "max_prompt_len", "max_num_seqs", "spec_max_k"):
         if getattr(args, name) < 1:
             raise LmstackError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
@@ -169,16 +176,29 @@ def replay(engine: Any, prompts: list[list[int]], offsets: list[float], params: 
             "tokens": [tokens[i] for i in range(n)]}
 
 
-def summarize(runs: dict[tuple[float, str], dict[str, Any]], rates: list[float],
+def average_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One policy's metrics at one rate over its traces: numbers averaged, the rest from the first trace, plus
+    each trace's mean latency (its spread is the run-to-run noise the ratios should be read against)."""
+    first = {k: v for k, v in runs[0]["metrics"].items() if k != "tokens"}
+    out = {k: (float(np.mean([r["metrics"][k] for r in runs])) if isinstance(v, (int, float))
+               and not isinstance(v, bool) else v) for k, v in first.items()}
+    out["traces"] = len(runs)
+    out["mean_latency_s_by_trace"] = [r["metrics"]["mean_latency_s"] for r in runs]
+    return out
+
+
+def summarize(runs: dict[tuple[float, str, int], dict[str, Any]], rates: list[float],
               policies: list[str]) -> dict[str, Any]:
-    """Per-rate mean latency of each policy and the headline ratios (definitions in the results file)."""
+    """Per-rate mean latency of each policy (averaged over its traces) and the headline ratios (definitions in
+    the results file)."""
     fixed = [p for p in policies if p.startswith("k=")]
     by_rate, speedups, smart_vs_fixed, smart_vs_nospec = [], [], [], []
     for rate in rates:
-        row = {"rate_req_s": rate}
+        row: dict[str, Any] = {"rate_req_s": rate}
         for p in policies:
-            if (rate, p) in runs:
-                row[p] = {k: v for k, v in runs[rate, p]["metrics"].items() if k != "tokens"}
+            traces = [run for (r, name, _), run in sorted(runs.items()) if r == rate and name == p]
+            if traces:
+                row[p] = average_runs(traces)
         by_rate.append(row)
         base = row.get("nospec", {}).get("mean_latency_s")
         spec = [row[p]["mean_latency_s"] for p in policies if p != "nospec" and p in row]
@@ -255,8 +275,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log, png, profile_path = output.with_suffix(".jsonl"), output.with_suffix(".png"), \
         output.with_suffix(".profile.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: getattr(args, k) for k in _OPTIONS if k != "policies"}
-    done = {(r["rate"], r["policy"]): r for r in read_runs(log, lambda r: r.get("config") == config)}
+    config = {k: getattr(args, k) for k in _OPTIONS if k not in ("policies", "repeats")}
+    done = {(r["rate"], r["policy"], r.get("repeat", 0)): r
+            for r in read_runs(log, lambda r: r.get("config") == config)}
     max_model_len = args.max_prompt_len + args.max_tokens + 8
     block_size = 16
     # Room for every running request at full length (plus proposals) and no more: two models share the memory.
@@ -280,32 +301,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [name for name, _ in policies]
     started = time.monotonic()
     for i, rate in enumerate(rates):
-        offsets = poisson_offsets(len(prompts), rate, args.seed + 1 + i)
-        for name, spec_k in policies:
-            if (rate, name) in done:
-                continue
-            engine.set_spec_k(spec_k)
-            if spec_k == "smart" and profiles:
-                engine.spec.controller.load_profile(merge_profiles(profiles))
-            metrics = replay(engine, prompts, offsets, params, f"r{i}-{name}")
-            record: dict[str, Any] = {"config": config, "rate": rate, "policy": name, "metrics": metrics}
-            if engine.spec is not None:
-                ctl = engine.spec.controller
-                acc = ctl.acceptance
-                metrics.update(acceptance_rate=acc.total_accepted / max(acc.total_tested, 1),
-                               proposed_tokens=acc.total_proposed, accepted_tokens=acc.total_accepted,
-                               steps_by_k={str(k): v for k, v in sorted(ctl.chosen.items())})
-                record["profile"] = ctl.profile()
-                profiles.append(record["profile"])
-            ref = done.get((rate, "nospec"))
-            if ref is not None and name != "nospec":
-                metrics["requests_differing_from_nospec"] = sum(
-                    a != b for a, b in zip(metrics["tokens"], ref["metrics"]["tokens"], strict=True))
-            append_run(log, record)
-            done[rate, name] = record
-            print(f"  rate {rate:<7g} {name:<7} mean latency {metrics['mean_latency_s']:8.2f} s  "
-                  f"p90 {metrics['p90_latency_s']:8.2f} s  tokens/step {metrics['tokens_per_step']:5.2f}  "
-                  f"step {metrics['mean_step_ms']:7.1f} ms  [{time.monotonic() - started:6.0f} s]", flush=True)
+        for rep in range(args.repeats):
+            offsets = poisson_offsets(len(prompts), rate, args.seed + 1 + i + 1009 * rep)
+            for name, spec_k in policies:
+                if (rate, name, rep) in done:
+                    continue
+                engine.set_spec_k(spec_k)
+                if spec_k == "smart" and profiles:
+                    engine.spec.controller.load_profile(merge_profiles(profiles))
+                metrics = replay(engine, prompts, offsets, params, f"r{i}.{rep}-{name}")
+                record: dict[str, Any] = {"config": config, "rate": rate, "policy": name, "repeat": rep,
+                                          "metrics": metrics}
+                if engine.spec is not None:
+                    ctl = engine.spec.controller
+                    acc = ctl.acceptance
+                    metrics.update(acceptance_rate=acc.total_accepted / max(acc.total_tested, 1),
+                                   proposed_tokens=acc.total_proposed, accepted_tokens=acc.total_accepted,
+                                   steps_by_k={str(k): v for k, v in sorted(ctl.chosen.items())})
+                    record["profile"] = ctl.profile()
+                    profiles.append(record["profile"])
+                ref = done.get((rate, "nospec", rep))
+                if ref is not None and name != "nospec":
+                    metrics["requests_differing_from_nospec"] = sum(
+                        a != b for a, b in zip(metrics["tokens"], ref["metrics"]["tokens"], strict=True))
+                append_run(log, record)
+                done[rate, name, rep] = record
+                print(f"  rate {rate:<7g} trace {rep} {name:<7} mean latency {metrics['mean_latency_s']:8.2f} s  "
+                      f"p90 {metrics['p90_latency_s']:8.2f} s  tokens/step {metrics['tokens_per_step']:5.2f}  "
+                      f"step {metrics['mean_step_ms']:7.1f} ms  [{time.monotonic() - started:6.0f} s]", flush=True)
     engine.set_spec_k(None)
     metrics = summarize(done, rates, names)
     metrics.update(proposer=args.proposer, model=args.model, spec_model=args.spec_model, data=args.data,
