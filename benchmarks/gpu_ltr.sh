@@ -40,9 +40,6 @@ if [[ " $STEPS " == *" label "* ]]; then
   gzip -c "$WORK/labels.jsonl" > "$OUT/labels.jsonl.gz"
   DATA=$WORK/labels.jsonl
 fi
-if [[ " $STEPS " == *" train "* ]]; then
-  [ "$DEVICE" = cuda ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_encoder.py tests/test_ranking.py | tail -2
-fi
 train() {  # NAME, then extra `lmstack ltr train` options
   local name=$1; shift
   python3 -m lmstack.cli ltr train --data "$DATA" --encoder "$C/encoder" --device "$DEVICE" \
@@ -51,6 +48,7 @@ train() {  # NAME, then extra `lmstack ltr train` options
 }
 train_and_eval() {
   local best_lr="" best_tau=-2 lr tau
+  [ "$DEVICE" = cuda ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_encoder.py tests/test_ranking.py | tail -2
   for lr in ${LRS:-5e-5 1e-4}; do
     train "listmle-$lr" --lr "$lr"
     tau=$(python3 -c "import json; print(json.load(open('$WORK/listmle-$lr/ranker.json'))['info']['training']['best_val_tau'])")
