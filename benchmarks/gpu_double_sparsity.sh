@@ -12,7 +12,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 free -g | head -2
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/test_double_sparse_triton.py tests/test_ds_offload.py 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/test_double_sparse_triton.py tests/test_ds_offload.py tests/test_gpu.py \
+  tests/test_double_sparse.py 2>&1 \
   | tee "$OUT/ds_gpu_tests.log" | tail -15
 python3 -m lmstack.bench.double_sparsity_speed --tokenizer .carry/c2/tokenizer \
   --output "$OUT/double_sparsity_speed.json" "$@" 2>&1 | tee "$OUT/ds_speed.log" | tail -70

@@ -110,6 +110,30 @@ def test_causal_mode_with_full_budget_is_dense_and_small_budgets_keep_k_tokens()
             assert torch.allclose(out[pos, h], p @ v[keep, h // 3], atol=1e-5)
 
 
+def test_shared_selection_ranks_by_the_groups_summed_labels() -> None:
+    """kv_group: every head of a group attends to the same tokens, those its summed label scores rank first;
+    with one query head per KV head it is the per-head rule; a shared idx equals the repeated per-head idx."""
+    g = torch.Generator().manual_seed(4)
+    L, H, Hkv, D = 30, 6, 2, 16
+    q = torch.randn(L, H, D, generator=g)
+    k, v = torch.randn(L, Hkv, D, generator=g), torch.randn(L, Hkv, D, generator=g)
+    channels = torch.tensor([[1, 4, 9], [0, 2, 15]])
+    out = ref.ds_causal_attention(q, k, v, channels, 4, 0, D**-0.5, shared=True, head_chunk=4)
+    pos = 29
+    for h in range(H):
+        kv, ch = h // 3, channels[h // 3]
+        approx = k[: pos + 1, kv, ch] @ q[pos, kv * 3:kv * 3 + 3][:, ch].sum(0)
+        keep = approx.topk(4).indices
+        p = (k[keep, kv] @ q[pos, h] * D**-0.5).softmax(0)
+        assert torch.allclose(out[pos, h], p @ v[keep, kv], atol=1e-5)
+    mha = ref.ds_causal_attention(q[:, :2], k, v, channels, 4, 0, D**-0.5, shared=True)
+    assert torch.equal(mha, ref.ds_causal_attention(q[:, :2], k, v, channels, 4, 0, D**-0.5))
+    qd, kc, vc, tables, lens = _paged(5, [40, 90], H, Hkv, D)
+    idx = ref.ds_topk(torch.randn(2, Hkv, 90, generator=g), lens, 7)
+    assert torch.equal(ref.ds_sparse_attention(qd, kc, vc, tables, idx, 0.25),
+                       ref.ds_sparse_attention(qd, kc, vc, tables, idx.repeat_interleave(3, 1), 0.25))
+
+
 def test_int8_labels_error_is_bounded() -> None:
     g = torch.Generator().manual_seed(2)
     labels = torch.randn(500, 4, 8, generator=g) * torch.logspace(-2, 2, 500)[:, None, None]
@@ -154,11 +178,15 @@ def _tiny_llm(tok: Path, **kw) -> LLM:
 PROMPTS = [{"prompt_token_ids": [(7 * i + 3 * j) % 390 + 5 for j in range(n)]} for i, n in enumerate((3, 40, 120, 9))]
 
 
-def test_engine_with_all_tokens_and_all_channels_equals_dense(tiny_tokenizer_dir: Path) -> None:
-    """Greedy tokens through chunked prefill and mixed prefill+decode steps, in both label formats."""
+@pytest.mark.parametrize(("selection", "score_bits"), [("head", 32), ("kv_group", 32), ("kv_group", 16)])
+def test_engine_with_all_tokens_and_all_channels_equals_dense(tiny_tokenizer_dir: Path, selection: str,
+                                                              score_bits: int) -> None:
+    """Greedy tokens through chunked prefill and mixed prefill+decode steps, in both selections (with every
+    token kept, 16-bit scores change nothing)."""
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     dense = [o.outputs[0].token_ids for o in _tiny_llm(tiny_tokenizer_dir).generate(PROMPTS, params, use_tqdm=False)]
-    options = {"channels": "first", "r": 16, "token_budget": 1.0, "dense_below": 0}
+    options = {"channels": "first", "r": 16, "token_budget": 1.0, "dense_below": 0, "selection": selection,
+               "score_bits": score_bits}
     llm = _tiny_llm(tiny_tokenizer_dir, attention_backend="double_sparse", attention_options=options)
     assert isinstance(llm.engine.runner.backend, DoubleSparseAttention)
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)] == dense
@@ -170,7 +198,9 @@ def test_engine_with_all_tokens_and_all_channels_equals_dense(tiny_tokenizer_dir
 def test_engine_int8_labels_decode_sparsely_and_dense_layers_stay_dense(tiny_tokenizer_dir: Path) -> None:
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     options = {"channels": "random", "r": 2, "token_budget": 2, "dense_below": 0, "label_bits": 8}
-    llm = _tiny_llm(tiny_tokenizer_dir, attention_backend="double_sparse", attention_options=options)
+    # Eager: a decode graph would replay sparse_decode without calling it (and pad the batch when capturing).
+    llm = _tiny_llm(tiny_tokenizer_dir, attention_backend="double_sparse", attention_options=options,
+                    enforce_eager=True)
     backend = llm.engine.runner.backend
     assert backend.label_caches[0].dtype == torch.int8 and backend.label_scales[0] is not None
     rows: list[int] = []
@@ -191,6 +221,8 @@ def test_engine_int8_labels_decode_sparsely_and_dense_layers_stay_dense(tiny_tok
     ({"channels": "first", "token_budget": 0.0}, "fractional token budget"),
     ({"channels": "first", "token_budget": "1/0"}, "not a fraction"),
     ({"channels": "first", "label_bits": 4}, "label_bits"),
+    ({"channels": "first", "selection": "token"}, "selection must be one of"),
+    ({"channels": "first", "score_bits": 8}, "score_bits must be 32 or 16"),
     ({"channels": "first", "dense_layers": [7]}, "do not exist"),
     ({"channels": "first", "top_k": 3}, "unknown double_sparse option"),
     ({}, "needs channels"),
@@ -199,6 +231,13 @@ def test_engine_int8_labels_decode_sparsely_and_dense_layers_stay_dense(tiny_tok
 def test_bad_backend_options_are_clear_errors(tiny_tokenizer_dir: Path, options: dict, message: str) -> None:
     with pytest.raises(LmstackError, match=message):
         _tiny_llm(tiny_tokenizer_dir, attention_backend="double_sparse", attention_options=options)
+
+
+def test_graph_buckets_bound_the_over_budget_of_a_captured_decode() -> None:
+    """Under a graph every row keeps keep(bound) tokens: buckets 1/8 octave apart keep that within 1/8."""
+    bounds = DoubleSparseAttention.graph_contexts(DoubleSparseAttention(None, torch.zeros(1, 1, 1).long()), 40_000)
+    assert bounds[0] == 16 and bounds[-1] == 40_000 and bounds == sorted(set(bounds))
+    assert all(b / a <= 1.125 for a, b in zip(bounds, bounds[1:], strict=False))
 
 
 def test_budget_parsing() -> None:

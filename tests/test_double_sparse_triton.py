@@ -94,6 +94,10 @@ def test_label_scores_match_reference(
     assert (got[~finite] == float("-inf")).all()
     err = rel_err(got[finite], want[finite])
     assert err < tol(dtype), f"relative error {err:.2e}"
+    # 16-bit storage (score_bits=16; fp16 here, bf16 on the GPU test): the fp32 sums, rounded once.
+    half = tri.ds_label_scores(q_label, labels, tables, lens, scale, out_dtype=torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(torch.isfinite(half), finite)
+    assert rel_err(half[finite].float(), want[finite]) < 1e-3
 
 
 @pytest.mark.parametrize("k", [1, 16, 90, 400])
@@ -196,3 +200,7 @@ def test_llama8b_shapes_bf16(shared: bool) -> None:
     want = ref.ds_label_scores(q_label, labels, tables, lens)
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got)) and rel_err(got[finite], want[finite]) < 1e-3
+    got16 = tri.ds_label_scores(q_label, labels, tables, lens, out_dtype=torch.bfloat16)
+    want16 = ref.ds_label_scores(q_label, labels, tables, lens, out_dtype=torch.bfloat16)
+    assert torch.equal(torch.isfinite(got16), finite) and rel_err(got16[finite].float(), want[finite]) < 1e-2
+    assert rel_err(got16[finite].float(), want16[finite].float()) < 1e-2

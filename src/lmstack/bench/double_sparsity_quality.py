@@ -8,7 +8,8 @@ the `*_late` numbers score the second half of each window alone (budget ≤ 1/8 
 Channel choices compared on the same windows: calibrated (centred |q_c (k_c - mean k_c)|, the default, and
 the paper's plain |q_c k_c|), random, first-r, |q| and |k|; `ds_1_16_dense2` keeps layers 0 and 1 dense
 (the backend's `dense_layers`), where attention is least concentrated; `exact_top_1_16` ranks by all of K,
-i.e. the exact top-k tokens at the same budget: what is lost to the token budget alone, not to the labels.
+i.e. the exact top-k tokens at the same budget: what is lost to the token budget alone, not to the labels;
+`*_kv_group` share one token list per KV head (the GQA-friendly selection the speed benchmark also times).
 
 Retrieval: generated `key: value` lists of several lengths through the real engine (`LLM`), dense vs the
 `double_sparse` backend (sparse decode, budget = 1/16 of the context, dense prefill). The first answer
@@ -54,6 +55,7 @@ class Variant:
     label_bits: int = 16
     dense_layers: tuple[int, ...] = ()
     all_channels: bool = False  # labels = all of K: the exact top-k tokens, the best any channel choice can do
+    selection: str = "head"  # kv_group: one token list per KV head, ranked by the group's summed label scores
 
     def r(self, head_dim: int) -> int:
         return head_dim if self.all_channels else max(1, head_dim // self.sparsity)
@@ -71,6 +73,8 @@ VARIANTS: dict[str, Variant] = {
     "ds_1_16_int8": Variant("qkc", 16, label_bits=8),
     "ds_1_16_dense2": Variant("qkc", 16, dense_layers=(0, 1)),
     "exact_top_1_16": Variant("qkc", 16, all_channels=True),
+    "ds_1_8_kv_group": Variant("qkc", 8, selection="kv_group"),
+    "ds_1_16_kv_group": Variant("qkc", 16, selection="kv_group"),
 }
 
 
@@ -172,7 +176,8 @@ def _ppl_context(variant: Variant, channels_path: Path, cfg: Any, window: int) -
     r = variant.r(cfg.head_dim)
     ds = DoubleSparseConfig(channels=str(channels_path), rule=variant.rule, r=r,
                             token_budget=window // variant.sparsity, dense_below=0, sparse_prefill=True,
-                            label_bits=variant.label_bits, dense_layers=list(variant.dense_layers))
+                            label_bits=variant.label_bits, dense_layers=list(variant.dense_layers),
+                            selection=variant.selection)
     channels, _ = resolve_channels(ds.channels, cfg, ds.rule, ds.r, ds.seed)
     return DoubleSparseAttention(None, channels, ds)
 
@@ -218,7 +223,7 @@ def run_retrieval(model_name: str, args: argparse.Namespace, variants: list[str]
             head_dim = ChannelFile.load(channels_path).model["head_dim"]
             options = {"channels": str(channels_path), "rule": variant.rule, "r": variant.r(head_dim),
                        "label_bits": variant.label_bits, "token_budget": 1 / variant.sparsity,
-                       "dense_layers": list(variant.dense_layers)}
+                       "dense_layers": list(variant.dense_layers), "selection": variant.selection}
         max_len = max(lengths) + 32
         llm = LLM(model_name, dtype=args.dtype, device=args.device, max_model_len=max_len,
                   num_kv_blocks=args.retrieval_samples * -(-max_len // 16) + 1, block_size=16,

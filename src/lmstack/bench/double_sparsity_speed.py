@@ -3,7 +3,8 @@
 1. attention op (`ds_attention_op`): one layer's decode attention, dense Triton paged kernel vs Double Sparsity
    at the token fraction (labels → top-k → sparse attention), over contexts x batch sizes;
 2. end to end: the real engine decoding `--e2e-batch` sequences at `--e2e-context` tokens, dense backend
-   (Triton, CUDA graphs: the engine's default) vs the `double_sparse` backend (eager), step time → tokens/s;
+   (Triton, CUDA graphs: the engine's default) vs the `double_sparse` backend (its own decode graphs, one list
+   per query head and one per KV group), step time → tokens/s;
 3. offload (`ds_offload_speed`): KV in pinned host memory, Double Sparsity offload vs FlexGen-style full
    streaming, at the longest context that fits the host.
 
@@ -32,14 +33,17 @@ PARTS = ("attention", "e2e", "offload")
 
 
 NOTES = [
-    "attention: one decode layer, random bf16 paged caches (blocks shuffled per sequence), do_bench medians "
-    "with the L2 flushed between runs; DS time includes the q-label gather, label scoring, top-k "
-    "(torch.topk, sorted=False) and the sparse attention",
+    "attention: one decode layer, random bf16 paged caches (blocks shuffled per sequence), each op replayed "
+    "from a CUDA graph, do_bench medians with the L2 flushed between runs; DS time includes the q-label "
+    "gather, label scoring, top-k (torch.topk, sorted=False) and the sparse attention",
+    "s16: kv_group with the approximate scores stored in bf16 (score_bits=16), which halves the top-k's bytes",
     "per head: one top-k list per query head (the double_sparse backend); kv_group: one list per KV head "
     "from the group's summed label scores. Under GQA (G query heads per KV head) per-head lists gather "
     "G x more K/V rows than kv_group lists, so the per-head byte saving at 1/16 is at most 16/G",
-    "e2e: engine decode steps after prefilling every sequence (bench.step_split); dense runs with CUDA graphs "
-    "(the engine default), double_sparse eagerly (it does not capture graphs); eager dense is reported too",
+    "e2e: engine decode steps after prefilling every sequence (bench.step_split), all with CUDA graphs (eager "
+    "steps reported too); double_sparse with per-head lists (the default) and with kv_group lists. Its decode "
+    "graphs are captured per context bucket (1/8 octave): every row keeps keep(bucket) tokens, so graph_keep "
+    "is the fraction of the context actually attended",
     "offload: whole-model decode steps with every layer's K/V in pinned host memory, random K/V and labels "
     "made from them (no prefill), host wall time between device syncs, median of the timed steps",
 ]
@@ -125,6 +129,7 @@ def _attention(model_cfg: Any, r: int, fraction: float, args: argparse.Namespace
 
 def _e2e(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
     from lmstack.bench.step_split import measure_step_split
+    from lmstack.engine.attention.double_sparse import DoubleSparseConfig
     from lmstack.engine.config import EngineConfig
     from lmstack.engine.llm_engine import LLMEngine
 
@@ -133,21 +138,34 @@ def _e2e(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]
     if args.r:
         ds_options["r"] = args.r
     runs: dict[str, Any] = {}
-    for name, backend, options in (("dense", "triton", {}), ("double_sparse", "double_sparse", ds_options)):
-        config = EngineConfig(max_num_seqs=args.e2e_batch, max_model_len=args.e2e_context + 2 * steps + 16,
+    kv_group = {**ds_options, "selection": "kv_group"}
+    for name, backend, options in (("dense", "triton", {}), ("double_sparse", "double_sparse", ds_options),
+                                   ("double_sparse_kv_group", "double_sparse", kv_group),
+                                   ("double_sparse_kv_group_s16", "double_sparse", {**kv_group, "score_bits": 16})):
+        # Room for the decode steps the first sequences take while the last prompts are prefilled in chunks.
+        prefill_steps = args.e2e_batch * (args.e2e_context // EngineConfig.max_num_batched_tokens + 1)
+        config = EngineConfig(max_num_seqs=args.e2e_batch,
+                              max_model_len=args.e2e_context + 2 * steps + 16 + prefill_steps,
                               attention_backend=backend, attention_options=options, stream_text=False)
         engine = LLMEngine(model, tokenizer, config)
         try:
             split = measure_step_split(engine, args.e2e_batch, args.e2e_context, steps=steps)
+            bounds = sorted(c for b, c in engine.runner.graphs if b == args.e2e_batch)  # decode graphs replayed
         finally:
             del engine
             gc.collect()
             torch.cuda.empty_cache()
         split["tok_s"] = args.e2e_batch / split["step_ms"] * 1e3
+        if backend == "double_sparse" and bounds:
+            split["graph_bounds"] = bounds
+            keep = DoubleSparseConfig(token_budget=args.token_budget).keep(bounds[-1])
+            split["graph_keep"] = keep / args.e2e_context
         split["eager_tok_s"] = args.e2e_batch / split["eager_step_ms"] * 1e3
         runs[name] = split
     return {"batch": args.e2e_batch, "context": args.e2e_context, "options": ds_options, "runs": runs,
             "speedup": runs["double_sparse"]["tok_s"] / runs["dense"]["tok_s"],
+            "speedup_kv_group": runs["double_sparse_kv_group"]["tok_s"] / runs["dense"]["tok_s"],
+            "speedup_kv_group_s16": runs["double_sparse_kv_group_s16"]["tok_s"] / runs["dense"]["tok_s"],
             "speedup_vs_dense_eager": runs["double_sparse"]["tok_s"] / runs["dense"]["eager_tok_s"]}
 
 
@@ -171,10 +189,13 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
     if rows:
         m["attn_speedup_1_16_max"] = max(r["speedup_head"] for r in rows)
         m["attn_speedup_1_16_max_kv_group"] = max(r["speedup_kv_group"] for r in rows)
+        m["attn_speedup_1_16_max_kv_group_s16"] = max(r["speedup_kv_group_s16"] for r in rows)
         best = max(rows, key=lambda r: r["speedup_head"])
         m["attn_speedup_1_16_max_at"] = {"batch": best["batch"], "context": best["context"]}
     if "speedup" in results.get("e2e", {}):
         m["e2e_decode_speedup"] = results["e2e"]["speedup"]
+        m["e2e_decode_speedup_kv_group"] = results["e2e"]["speedup_kv_group"]
+        m["e2e_decode_speedup_kv_group_s16"] = results["e2e"]["speedup_kv_group_s16"]
         m["e2e_decode_tok_s"] = {k: v["tok_s"] for k, v in results["e2e"]["runs"].items()}
     modes = results.get("offload", {}).get("modes", {})
     if "ds_offload_head" in modes:
@@ -206,7 +227,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("attention-op speedup over dense Triton decode")
     title = "Double Sparsity 1/16, Llama-3-8B shapes, bf16"
     if "e2e_decode_speedup" in results:
-        title += f"\nend to end {results['e2e_decode_speedup']:.2f}x"
+        title += (f"\nend to end {results['e2e_decode_speedup']:.2f}x (per head), "
+                  f"{results['e2e_decode_speedup_kv_group']:.2f}x (kv_group)")
     if "offload_speedup" in results:
         title += (f"; offload vs full streaming {results['offload_speedup']:.1f}x (per head), "
                   f"{results['offload_speedup_kv_group']:.1f}x (kv_group)")
@@ -223,17 +245,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def print_table(m: dict[str, Any]) -> None:
     rows = [r for r in m.get("attention", {}).get("rows", []) if "dense_us" in r]
     if rows:
-        print(f"{'ctx':>7} {'B':>3} {'dense us':>9} {'DS head':>9} {'x':>6} {'DS kvg':>9} {'x':>6} "
-              f"{'scores':>8} {'topk':>8} {'sparse':>8}")
+        print(f"{'ctx':>7} {'B':>3} {'dense us':>9} {'DS head':>9} {'x':>6} {'DS kvg':>9} {'x':>6} {'s16 x':>6} "
+              f"{'scores':>8} {'topk':>8} {'sparse':>8} {'kvg:sc':>8} {'topk':>8} {'sparse':>8}")
         for r in rows:
             print(f"{r['context']:>7} {r['batch']:>3} {r['dense_us']:>9.1f} {r['ds_head_us']:>9.1f} "
                   f"{r['speedup_head']:>6.2f} {r['ds_kv_group_us']:>9.1f} {r['speedup_kv_group']:>6.2f} "
-                  f"{r['stage_scores_us']:>8.1f} {r['stage_topk_us']:>8.1f} {r['stage_sparse_us']:>8.1f}")
+                  f"{r['speedup_kv_group_s16']:>6.2f} "
+                  f"{r['stage_scores_us']:>8.1f} {r['stage_topk_us']:>8.1f} {r['stage_sparse_us']:>8.1f} "
+                  f"{r['stage_scores_kv_group_us']:>8.1f} {r['stage_topk_kv_group_us']:>8.1f} "
+                  f"{r['stage_sparse_kv_group_us']:>8.1f}")
     e2e = m.get("e2e", {})
     for name, run in e2e.get("runs", {}).items():
+        kept = f", graphs keep {run['graph_keep']:.4f} of the context" if "graph_keep" in run else ""
         print(f"e2e {name:<14} B={e2e['batch']} ctx={e2e['context']}: {run['step_ms']:.2f} ms/step "
               f"{run['tok_s']:.1f} tok/s (eager {run['eager_step_ms']:.2f} ms, "
-              f"attention {run['eager_attention_ms']:.2f} ms)")
+              f"attention {run['eager_attention_ms']:.2f} ms{kept})")
     off = m.get("offload", {})
     for name, run in off.get("modes", {}).items():
         print(f"offload {name:<28} ctx={off['context']}: {run['step_ms']:.1f} ms/step, "
@@ -241,8 +267,9 @@ def print_table(m: dict[str, Any]) -> None:
     for part in PARTS:
         if "error" in m.get(part, {}):
             print(f"{part}: FAILED: {m[part]['error']}")
-    for key in ("attn_speedup_1_16_max", "attn_speedup_1_16_max_kv_group", "e2e_decode_speedup", "offload_speedup",
-                "offload_speedup_kv_group"):
+    for key in ("attn_speedup_1_16_max", "attn_speedup_1_16_max_kv_group", "attn_speedup_1_16_max_kv_group_s16",
+                "e2e_decode_speedup", "e2e_decode_speedup_kv_group", "e2e_decode_speedup_kv_group_s16",
+                "offload_speedup", "offload_speedup_kv_group"):
         if key in m:
             print(f"{key}: {m[key]:.2f}")
 

@@ -4,8 +4,9 @@ The dense side is our split-K paged decode kernel (the engine's real decode path
 everything a decode query costs: gathering q's label channels, scoring every cached token from the label
 cache, top-k, and exact attention over the selected tokens, with k = context x fraction. Two selections are
 timed: one list per query head (the `double_sparse` backend) and one per KV head (`kv_group`). Caches are
-random bf16 with blocks shuffled within each sequence; `do_bench` flushes the L2 between runs and reports
-medians. Correctness is checked against the torch reference before anything is timed.
+random bf16 with blocks shuffled within each sequence; every op is timed as a replayed CUDA graph (the
+engine's decode path), `do_bench` flushing the L2 between runs and reporting medians. Correctness is checked
+against the torch reference before anything is timed.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ def q_labels(inp: LayerInputs, shape: OpShape, shared: bool) -> torch.Tensor:
     return ql.view(batch, shape.n_kv, shape.group, shape.r).sum(2) if shared else ql
 
 
-def ds_decode(inp: LayerInputs, shape: OpShape, ctx: int, shared: bool) -> torch.Tensor:
+def ds_decode(inp: LayerInputs, shape: OpShape, ctx: int, shared: bool,
+              score_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The whole Double Sparsity decode op: label channels → scores → top-k → sparse attention."""
-    scores = ds_label_scores(q_labels(inp, shape, shared), inp.labels, inp.tables, inp.lens, max_seq_len=ctx)
+    scores = ds_label_scores(q_labels(inp, shape, shared), inp.labels, inp.tables, inp.lens, max_seq_len=ctx,
+                             out_dtype=score_dtype)
     idx = ds_topk(scores, inp.lens, shape.keep(ctx))
     return ds_sparse_attention(inp.q, inp.k, inp.v, inp.tables, idx, shape.head_dim**-0.5)
 
@@ -129,31 +132,44 @@ def check(shape: OpShape, batch: int = 3, ctx: int = 5000, seed: int = 1) -> dic
 
 
 def _bench_ms(fn: Any) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median ms of `fn` replayed from a CUDA graph, as the engine's decode steps run: what is timed is the
+    kernels, not the host launching a dozen small ops one by one."""
+    for _ in range(2):  # compile and settle allocations outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
 def time_config(shape: OpShape, batch: int, ctx: int, seed: int = 0) -> dict[str, Any]:
-    """Median microseconds of dense and Double Sparsity decode (both selections), and the per-head stages."""
+    """Median microseconds of dense and Double Sparsity decode, and of each stage, for both selections."""
     inp = layer_inputs(shape, batch, ctx, seed)
     scale = shape.head_dim**-0.5
     out = torch.empty_like(inp.q)
     keep = shape.keep(ctx)
-    ql = q_labels(inp, shape, False)
-    scores = ds_label_scores(ql, inp.labels, inp.tables, inp.lens, max_seq_len=ctx)
-    idx = ds_topk(scores, inp.lens, keep)
     us = {
         "dense_us": _bench_ms(lambda: paged_decode_attention(inp.q, inp.k, inp.v, inp.tables, inp.lens, scale,
                                                              out=out, max_seq_len=ctx)),
         "ds_head_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, False)),
         "ds_kv_group_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, True)),
-        "stage_scores_us": _bench_ms(lambda: ds_label_scores(ql, inp.labels, inp.tables, inp.lens, max_seq_len=ctx)),
-        "stage_topk_us": _bench_ms(lambda: ds_topk(scores, inp.lens, keep)),
-        "stage_sparse_us": _bench_ms(lambda: ds_sparse_attention(inp.q, inp.k, inp.v, inp.tables, idx, scale)),
+        "ds_kv_group_s16_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, True, torch.bfloat16)),
     }
+    for shared, tag in ((False, ""), (True, "_kv_group")):
+        ql = q_labels(inp, shape, shared)
+        scores = ds_label_scores(ql, inp.labels, inp.tables, inp.lens, max_seq_len=ctx)
+        idx = ds_topk(scores, inp.lens, keep)
+        us[f"stage_scores{tag}_us"] = _bench_ms(
+            lambda: ds_label_scores(ql, inp.labels, inp.tables, inp.lens, max_seq_len=ctx))  # noqa: B023
+        us[f"stage_topk{tag}_us"] = _bench_ms(lambda: ds_topk(scores, inp.lens, keep))  # noqa: B023
+        us[f"stage_sparse{tag}_us"] = _bench_ms(
+            lambda: ds_sparse_attention(inp.q, inp.k, inp.v, inp.tables, idx, scale))  # noqa: B023
     us = {name: ms * 1e3 for name, ms in us.items()}
     return {"batch": batch, "context": ctx, "k": keep, "kv_gb": shape.kv_bytes(batch, ctx) / 1e9, **us,
             "speedup_head": us["dense_us"] / us["ds_head_us"],
             "speedup_kv_group": us["dense_us"] / us["ds_kv_group_us"],
+            "speedup_kv_group_s16": us["dense_us"] / us["ds_kv_group_s16_us"],
             "dense_gb_s": shape.kv_bytes(batch, ctx) / us["dense_us"] / 1e3}
 
 

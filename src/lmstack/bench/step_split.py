@@ -36,7 +36,9 @@ def measure_step_split(
         raise RuntimeError("measure_step_split needs an idle engine")
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=2 * steps + 8, ignore_eos=True, temperature=0.0)
+    # All the room the context window leaves: with chunked prefill the first sequences decode while the
+    # last prompts are still being read, and none may finish before the timed steps are over.
+    params = SamplingParams(max_tokens=engine.max_model_len - prompt_len, ignore_eos=True, temperature=0.0)
     ids = [engine.add_request(torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), params,
                               request_id=f"split-{i}") for i in range(batch)]
     runner = engine.runner
@@ -44,6 +46,7 @@ def measure_step_split(
     try:
         while any(engine.requests[r].num_output_tokens == 0 for r in ids):
             engine.step()  # prefill every sequence first: what follows are pure decode steps
+        engine.step()  # one untimed decode step: a backend that captures graphs lazily captures here
         runner.sync_timing = True
         split, wall = _run(engine, steps)
         runner.use_graphs = False

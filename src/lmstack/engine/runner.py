@@ -23,7 +23,6 @@ from lmstack.errors import LmstackError
 from lmstack.models.config import ModelConfig
 from lmstack.models.llama import LlamaModel
 
-GRAPH_SHORT_CONTEXT = 2048
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 
 
@@ -65,7 +64,8 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs
         self.sync_timing = False  # profiling: wait for the device after the forward, so timings split truly
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.graph_contexts = sorted({min(GRAPH_SHORT_CONTEXT, max_model_len), max_model_len})
+        self.graph_pool: tuple[int, int] | None = None
+        self.graph_contexts = self.backend.graph_contexts(max_model_len)
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
         if self.use_graphs:
             self._capture_all()
@@ -200,7 +200,8 @@ class ModelRunner:
 
     # ----- CUDA graphs -----
     def _capture_all(self) -> None:
-        """Capture every batch size up front, largest first, so all graphs share one memory pool."""
+        """Static input buffers, then every graph up front, largest first, so all share one memory pool
+        (a backend with `lazy_graphs` captures each on first use instead, into the same pool)."""
         b, dev = self.max_graph_bs, self.device
         self.s_ids = torch.zeros(b, dtype=torch.long, device=dev)
         self.s_pos = torch.zeros(b, dtype=torch.long, device=dev)
@@ -209,25 +210,33 @@ class ModelRunner:
         self.s_qsl = torch.arange(b + 1, dtype=torch.int32, device=dev)
         self.s_tables = torch.zeros((b, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.h_buf = torch.zeros(4 * b, dtype=torch.long).pin_memory()
-        pool = None
+        if self.backend.lazy_graphs:
+            return
         sizes = sorted((x for x in GRAPH_BATCH_SIZES if x <= b), reverse=True)
         for bs, context in ((bs, c) for bs in sizes for c in reversed(self.graph_contexts)):
-            meta = AttentionMetadata(
-                slot_mapping=self.s_slots[:bs], query_start_loc=self.s_qsl[: bs + 1], seq_lens=self.s_seq_lens[:bs],
-                block_tables=self.s_tables[:bs], query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
-                max_query_len=1, max_seq_len=context,
-            )
-            self.backend.meta = meta
-            with torch.inference_mode():
-                for _ in range(2):  # compile kernels and settle allocations outside the capture
-                    self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
-            pool = graph.pool()
-            self.graphs[bs, context] = (graph, logits)
+            self._capture(bs, context)
         torch.cuda.synchronize()
+
+    def _capture(self, bs: int, context: int) -> None:
+        """Capture the decode forward of `bs` rows attending to at most `context` tokens, from the static buffers.
+
+        The warm-up passes run on whatever the buffers hold: placeholders up front (slot 0 is reserved), or
+        the current step's inputs when captured lazily, whose K/V they write exactly as the replay will."""
+        meta = AttentionMetadata(
+            slot_mapping=self.s_slots[:bs], query_start_loc=self.s_qsl[: bs + 1], seq_lens=self.s_seq_lens[:bs],
+            block_tables=self.s_tables[:bs], query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
+            max_query_len=1, max_seq_len=context, graph_bound=True,
+        )
+        self.backend.meta = meta
+        with torch.inference_mode():
+            for _ in range(2):  # compile kernels and settle allocations outside the capture
+                self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                logits = self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
+        self.graph_pool = graph.pool()
+        self.graphs[bs, context] = (graph, logits)
 
     def _run_graph(self, sched: SchedulerOutput) -> torch.Tensor:
         n = len(sched.chunks)
@@ -255,6 +264,9 @@ class ModelRunner:
         self.s_slots[:bs].copy_(dev_h[2])
         self.s_seq_lens[:bs].copy_(dev_h[3])
         longest = max(rows[3])
-        graph, logits = self.graphs[bs, next(c for c in self.graph_contexts if c >= longest)]
+        key = (bs, next(c for c in self.graph_contexts if c >= longest))
+        if key not in self.graphs:
+            self._capture(*key)
+        graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]

@@ -15,6 +15,8 @@ import torch
 from lmstack.engine.attention.torch_ref import gather_kv, paged_attention_ref
 from lmstack.errors import LmstackError
 
+GRAPH_SHORT_CONTEXT = 2048
+
 
 @dataclass
 class AttentionMetadata:
@@ -28,6 +30,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    graph_bound: bool = False  # a captured decode graph: max_seq_len is the graph's context bound (>= every
+    # row's seq_len, which lives on the device only) and seq_lens_cpu are placeholders
 
     @property
     def is_decode(self) -> bool:
@@ -39,6 +43,7 @@ class AttentionBackend:
 
     name = "reference"
     supports_cuda_graphs = False
+    lazy_graphs = False  # capture each (batch size, context bound) graph on first use, not all up front
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         self.kv_caches = kv_caches
@@ -52,6 +57,11 @@ class AttentionBackend:
         if options:
             raise LmstackError(f"the {cls.name!r} attention backend takes no options, got {', '.join(options)}")
         return cls(kv_caches)
+
+    def graph_contexts(self, max_model_len: int) -> list[int]:
+        """Context bounds decode graphs are captured for; a step replays the smallest bound >= its longest row.
+        A short bound beside the longest lets the decode kernel split short contexts finely."""
+        return sorted({min(GRAPH_SHORT_CONTEXT, max_model_len), max_model_len})
 
     @classmethod
     def cache_bytes_per_token(cls, model_cfg: Any, dtype: torch.dtype, options: dict[str, Any]) -> int:

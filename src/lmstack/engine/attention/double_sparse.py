@@ -55,6 +55,22 @@ def parse_budget(text: str | float | int) -> float | int:
     return value
 
 
+SELECTIONS = ("head", "kv_group")
+
+
+@dataclass
+class DecodePlan:
+    """Which rows of a step decode sparsely, worked out once per step rather than once per layer."""
+
+    rows: list[int]  # batch rows that decode sparsely (one query token each, context >= dense_below)
+    prefill_rows: list[int]  # rows whose prompt attends sparsely (sparse_prefill only)
+    every_row: bool  # every row of the step is a sparse decode row: no gather or scatter needed
+    rows_t: torch.Tensor | None  # rows on the device (None when every_row)
+    tokens_t: torch.Tensor | None  # their query tokens on the device (None when every_row)
+    keeps: list[int]  # tokens each sparse row attends to
+    lens: list[int]  # their context lengths
+
+
 @dataclass
 class DoubleSparseConfig:
     """Settings of the backend, given as `LLM(..., attention_backend="double_sparse", attention_options={...})`."""
@@ -68,6 +84,8 @@ class DoubleSparseConfig:
     dense_layers: list[int] = field(default_factory=list)  # layers that always attend densely (no label cache)
     label_bits: int = 16  # 16: labels in the KV dtype; 8: int8 labels + an fp16 scale per token and head
     sparse_prefill: bool = False  # every prompt position attends to the top-k of its causal past (quality eval)
+    selection: str = "head"  # head: top-k per query head; kv_group: one list per KV head from the group's summed scores
+    score_bits: int = 32  # 16: approximate scores stored in bf16, halving the top-k's bytes (ties may reorder)
     kernels: str = "auto"  # auto: Triton on CUDA when available; torch: the reference everywhere
 
     def __post_init__(self) -> None:
@@ -76,8 +94,13 @@ class DoubleSparseConfig:
             raise LmstackError(f"double_sparse r must be a positive integer, got {self.r!r}")
         if not isinstance(self.dense_below, int) or self.dense_below < 0:
             raise LmstackError(f"double_sparse dense_below must be an integer >= 0, got {self.dense_below!r}")
+        if self.score_bits not in (16, 32):
+            raise LmstackError(f"double_sparse score_bits must be 32 or 16, got {self.score_bits!r}")
         if self.label_bits not in (8, 16):
             raise LmstackError(f"double_sparse label_bits must be 16 or 8, got {self.label_bits!r}")
+        if self.selection not in SELECTIONS:
+            raise LmstackError(f"double_sparse selection must be one of {', '.join(SELECTIONS)}, "
+                               f"got {self.selection!r}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise LmstackError(f"double_sparse kernels must be auto, torch or triton, got {self.kernels!r}")
         if not all(isinstance(i, int) and i >= 0 for i in self.dense_layers):
@@ -117,7 +140,8 @@ def _decode_ops(device: torch.device, kernels: str) -> ModuleType:
 
 class DoubleSparseAttention(AttentionBackend):
     name = "double_sparse"
-    supports_cuda_graphs = False  # the top-k width and the dense/sparse split follow the host-side lengths
+    supports_cuda_graphs = True  # decode graphs keep keep(bound) tokens per row; see `graph_contexts`
+    lazy_graphs = True  # one graph per (batch size, context bucket) actually met, not all buckets up front
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None, channels: torch.Tensor,
                  config: DoubleSparseConfig | None = None) -> None:
@@ -135,6 +159,9 @@ class DoubleSparseAttention(AttentionBackend):
         self.label_scales: list[torch.Tensor | None] = [None] * layers
         self.layer = 0
         self.dense: AttentionBackend | None = None
+        self._plan_meta: Any = None
+        self._decode_plan: DecodePlan | None = None
+        self._q_channel_cache: dict[int, torch.Tensor] = {}
         self.ops = _decode_ops(device, self.config.kernels)
         if kv_caches is not None:
             k0 = kv_caches[0][0]
@@ -172,6 +199,20 @@ class DoubleSparseAttention(AttentionBackend):
         sparse = sum(i not in config.dense_layers for i in range(model_cfg.num_hidden_layers))
         return sparse * per_layer
 
+    def graph_contexts(self, max_model_len: int) -> list[int]:
+        """Context buckets 1/8 of an octave apart (16, 18, 20, ..., 28, 32, 36, ...) and max_model_len.
+
+        Under a captured graph the host does not know the rows' lengths, so every row keeps keep(bound) tokens
+        for the bucket bound >= the longest row (rows no longer than that keep all their tokens): at most
+        1/8 more than the longest row's own budget. Eager steps give each row exactly its own budget.
+        """
+        bounds = {max_model_len}
+        octave = 16
+        while octave < max_model_len:
+            bounds.update(c for c in range(octave, 2 * octave, octave // 8) if c < max_model_len)
+            octave *= 2
+        return sorted(bounds)
+
     # ----- the attention call -----
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         self.layer = layer  # `write_kv` and `paged` below act on this layer
@@ -201,27 +242,50 @@ class DoubleSparseAttention(AttentionBackend):
         labels.view(-1, hkv, r).index_copy_(0, slots, q8)
         scales.view(-1, hkv).index_copy_(0, slots, sc)
 
+    def _plan(self, q: torch.Tensor) -> DecodePlan:
+        """The step's decode plan; the same metadata object serves every layer of one forward pass."""
+        m = self.meta
+        if self._plan_meta is m and self._decode_plan is not None:
+            return self._decode_plan
+        qsl, lens = m.query_start_loc_cpu, m.seq_lens_cpu
+        n_rows = len(lens)
+        rows = [i for i in range(n_rows) if qsl[i + 1] - qsl[i] == 1 and lens[i] >= self.config.dense_below]
+        prefill = [i for i in range(n_rows) if qsl[i + 1] - qsl[i] > 1] if self.config.sparse_prefill else []
+        every = len(rows) == n_rows and qsl[n_rows] == n_rows
+        rows_t = tokens_t = None
+        if rows and not every:
+            rows_t = torch.tensor(rows, device=q.device)
+            tokens_t = torch.tensor([qsl[i] for i in rows], device=q.device)
+        plan = DecodePlan(rows, prefill, every, rows_t, tokens_t, [self.config.keep(lens[i]) for i in rows],
+                          [lens[i] for i in rows])
+        self._plan_meta, self._decode_plan = m, plan
+        return plan
+
     def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         m = self.meta
-        qsl, lens = m.query_start_loc_cpu, m.seq_lens_cpu
-        n_rows = len(lens)
-        decode_rows: list[int] = []
-        prefill_rows: list[int] = []
-        if self.sparse_layers[self.layer]:
-            decode_rows = [i for i in range(n_rows) if qsl[i + 1] - qsl[i] == 1 and lens[i] >= self.config.dense_below]
-            if self.config.sparse_prefill:
-                prefill_rows = [i for i in range(n_rows) if qsl[i + 1] - qsl[i] > 1]
+        n_rows = len(m.seq_lens_cpu)
+        if m.graph_bound and self.sparse_layers[self.layer]:  # a decode graph: lengths only on the device
+            bound = m.max_seq_len
+            keep = bound if bound < self.config.dense_below else self.config.keep(bound)
+            return self.sparse_decode(q, k_cache, v_cache, m.block_tables, m.seq_lens, [keep] * n_rows,
+                                      [bound] * n_rows, scale)
+        plan = self._plan(q) if self.sparse_layers[self.layer] else None
+        if plan is not None and plan.every_row:
+            return self.sparse_decode(q, k_cache, v_cache, m.block_tables[:n_rows], m.seq_lens[:n_rows],
+                                      plan.keeps, plan.lens, scale)
+        decode_rows = plan.rows if plan else []
+        prefill_rows = plan.prefill_rows if plan else []
         if len(decode_rows) + len(prefill_rows) < n_rows:
             self.dense.meta = m
             out = self.dense.paged(q, k, v, k_cache, v_cache, scale)
         else:
             out = torch.empty_like(q)
         if decode_rows:
-            rows = torch.tensor(decode_rows, device=q.device)
-            tokens = torch.tensor([qsl[i] for i in decode_rows], device=q.device)
-            out[tokens] = self.sparse_decode(q[tokens], k_cache, v_cache, m.block_tables[rows], m.seq_lens[rows],
-                                             [lens[i] for i in decode_rows], scale)
+            tokens = plan.tokens_t
+            out[tokens] = self.sparse_decode(q[tokens], k_cache, v_cache, m.block_tables[plan.rows_t],
+                                             m.seq_lens[plan.rows_t], plan.keeps, plan.lens, scale)
+        qsl, lens = m.query_start_loc_cpu, m.seq_lens_cpu
         for i in prefill_rows:
             s, e = qsl[i], qsl[i + 1]
             if e - s == lens[i]:  # the whole context is new: this step's k/v are all of it
@@ -233,24 +297,41 @@ class DoubleSparseAttention(AttentionBackend):
         return out
 
     def sparse_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: list[int],
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, keeps: list[int], seq_lens_cpu: list[int],
                       scale: float) -> torch.Tensor:
-        """q [b, Hq, D] (one query per sequence) → out [b, Hq, D]: labels → top-k → exact sparse attention."""
+        """q [b, Hq, D] (one query per sequence) → out [b, Hq, D]: labels → top-k → exact sparse attention.
+
+        With `selection=kv_group` the group's query labels are summed (the score is linear in q), so one
+        list per KV head serves its G query heads and each selected K/V row is read once, as in dense decode.
+        """
         b, hq, _ = q.shape
         labels, label_scale = self.label_caches[self.layer], self.label_scales[self.layer]
-        ch = self.channels[self.layer]
-        q_label = q.gather(2, ch.repeat_interleave(hq // ch.shape[0], dim=0).expand(b, -1, -1))  # [b, Hq, r]
-        scores = self.ops.ds_label_scores(q_label, labels, block_tables, seq_lens, label_scale)  # [b, Hq, S]
-        keeps = [self.config.keep(s) for s in seq_lens_cpu]
+        q_label = q.gather(2, self._q_channels(hq).expand(b, -1, -1))  # [b, Hq, r]
+        if self.config.selection == "kv_group":
+            hkv, r = labels.shape[2], labels.shape[3]
+            q_label = q_label.view(b, hkv, hq // hkv, r).sum(2, dtype=torch.float32).to(q.dtype)  # [b, Hkv, r]
+        out_dtype = torch.bfloat16 if self.config.score_bits == 16 else torch.float32
+        scores = self.ops.ds_label_scores(q_label, labels, block_tables, seq_lens, label_scale,
+                                          max_seq_len=max(seq_lens_cpu), out_dtype=out_dtype)  # [b, rows, S]
         idx = self.ops.ds_topk(scores, seq_lens, max(keeps))
         if min(keeps) < max(keeps):
             idx = _trim_to_budget(idx, scores, keeps)
         return self.ops.ds_sparse_attention(q, k_cache, v_cache, block_tables, idx, scale)
 
+    def _q_channels(self, n_heads: int) -> torch.Tensor:
+        """[Hq, r] the label channels each query head reads (its KV head's), cached per layer."""
+        cached = self._q_channel_cache.get(self.layer)
+        if cached is None:
+            ch = self.channels[self.layer]
+            cached = ch.repeat_interleave(n_heads // ch.shape[0], dim=0)
+            self._q_channel_cache[self.layer] = cached
+        return cached
+
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
         cfg = self.config
         return ref.ds_causal_attention(q, k, v, self.channels[self.layer], cfg.token_budget, cfg.dense_below, scale,
-                                       offset=offset, quantized_labels=cfg.label_bits == 8)
+                                       offset=offset, quantized_labels=cfg.label_bits == 8,
+                                       shared=cfg.selection == "kv_group")
 
 
 def _trim_to_budget(idx: torch.Tensor, scores: torch.Tensor, keeps: list[int]) -> torch.Tensor:

@@ -45,16 +45,21 @@ def ds_label_scores(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     label_scale: torch.Tensor | None = None,
+    *,
+    max_seq_len: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Approximate (unscaled) scores q_label · label of every cached token.
 
-    q_label [B, Hq, r] (the query's calibrated channels) · label_cache [num_blocks, block_size, Hkv, r]
-    (16-bit, or int8 with label_scale [num_blocks, block_size, Hkv]) · block_tables [B, max_blocks] int32
-    · seq_lens [B] int32 → scores [B, Hq, S_max] float32, -inf at positions >= seq_len.
+    q_label [B, Hq, r] (the query's calibrated channels; or [B, Hkv, r], one query per KV group) · label_cache
+    [num_blocks, block_size, Hkv, r] (16-bit, or int8 with label_scale [num_blocks, block_size, Hkv]) ·
+    block_tables [B, max_blocks] int32 · seq_lens [B] int32 → scores [B, Hq, S_max] float32, -inf at
+    positions >= seq_len, summed in fp32 and returned as `out_dtype`. `max_seq_len` is the batch's longest
+    context when the caller knows it.
     """
     B, Hq, r = q_label.shape
     block_size, Hkv = label_cache.shape[1], label_cache.shape[2]
-    s_max = int(seq_lens.max().item()) if B else 0
+    s_max = max_seq_len if max_seq_len is not None else (int(seq_lens.max().item()) if B else 0)
     pos = torch.arange(s_max, device=q_label.device).expand(B, s_max)
     valid = pos < seq_lens.to(q_label.device).long()[:, None]  # [B, S]
     slots = _positions_to_slots(block_tables, pos.clamp(max=block_tables.shape[1] * block_size - 1), block_size)
@@ -63,7 +68,7 @@ def ds_label_scores(
     labels = dequantize_labels(flat[slots], None if flat_scale is None else flat_scale[slots])  # [B, S, Hkv, r]
     q_grouped = q_label.float().view(B, Hkv, Hq // Hkv, r)
     scores = torch.einsum("bngr,bsnr->bngs", q_grouped, labels).reshape(B, Hq, s_max)  # [B, Hq, S]
-    return scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return scores.masked_fill(~valid[:, None, :], float("-inf")).to(out_dtype)
 
 
 def ds_topk(scores: torch.Tensor, seq_lens: torch.Tensor, k: int) -> torch.Tensor:
@@ -96,10 +101,13 @@ def ds_sparse_attention(
     """Exact softmax attention of each query head over its selected tokens only.
 
     q [B, Hq, D] · k_cache, v_cache [num_blocks, block_size, Hkv, D] · block_tables [B, max_blocks] · idx
-    [B, Hq, k] token positions (-1 = unused) → out [B, Hq, D] in q's dtype (zeros where nothing is selected).
+    [B, Hq, k] token positions (-1 = unused), or [B, Hkv, k]: one list shared by each KV group → out [B, Hq, D]
+    in q's dtype (zeros where nothing is selected).
     """
     B, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if idx.shape[1] != Hq:
+        idx = idx.repeat_interleave(Hq // idx.shape[1], dim=1)
     used = idx >= 0  # [B, Hq, k]
     slots = _positions_to_slots(block_tables, idx.long().clamp(min=0), block_size)  # [B, Hq, k]
     kv_head = (torch.arange(Hq, device=q.device) // (Hq // Hkv)).view(1, Hq, 1)
@@ -136,13 +144,15 @@ def ds_causal_attention(
     offset: int = 0,
     quantized_labels: bool = False,
     head_chunk: int = 4,
+    shared: bool = False,
 ) -> torch.Tensor:
     """Every query attends exactly to the top-k tokens of its own causal past, ranked by the label estimate.
 
     q [L, Hq, D] at positions offset..offset+L-1 · k, v [S, Hkv, D] at 0..S-1 (S = offset + L) · channels
     [Hkv, r] · the budget rule of `budget_per_position` → out [L, Hq, D]. `quantized_labels` estimates from
-    int8-rounded key labels, as the 8-bit label cache stores them. Query heads are processed `head_chunk` at
-    a time to bound the [heads, L, S] score matrices.
+    int8-rounded key labels, as the 8-bit label cache stores them. `shared` ranks tokens once per KV head by
+    the group's summed label scores (the `kv_group` selection). Query heads are processed `head_chunk` at a
+    time to bound the [heads, L, S] score matrices.
     """
     L, Hq, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
@@ -160,10 +170,15 @@ def ds_causal_attention(
         kh = k[:, kv_heads].transpose(0, 1).float()  # [h, S, D]
         vh = v[:, kv_heads].transpose(0, 1).float()
         ch = channels.to(q.device)[kv_heads]  # [h, r]; the channel table may live on the CPU
-        q_lab = torch.gather(qh, 2, ch[:, None, :].expand(-1, L, -1))  # [h, L, r]
         k_lab = torch.gather(kh, 2, ch[:, None, :].expand(-1, S, -1))  # [h, S, r]
         if quantized_labels:
             k_lab = dequantize_labels(*quantize_labels(k_lab))
+        if shared:  # each head ranks by its whole group's summed query labels
+            group_q = q[:, (kv_heads[:, None] * group + torch.arange(group, device=q.device)).flatten()]
+            q_lab = torch.gather(group_q.view(L, len(heads), group, D).float().sum(2).transpose(0, 1), 2,
+                                 ch[:, None, :].expand(-1, L, -1))  # [h, L, r]
+        else:
+            q_lab = torch.gather(qh, 2, ch[:, None, :].expand(-1, L, -1))  # [h, L, r]
         approx = (q_lab @ k_lab.transpose(1, 2)).masked_fill(~causal, float("-inf"))  # [h, L, S]
         top = approx.topk(k_max, dim=-1).indices  # [h, L, k_max]
         chosen = torch.zeros_like(approx, dtype=torch.bool)

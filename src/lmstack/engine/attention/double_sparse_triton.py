@@ -3,8 +3,9 @@
 Same functions (and signatures) as `double_sparse_ref`, which they are tested against. Shapes: B sequences,
 Hq query heads, Hkv KV heads (group G = Hq // Hkv), D head dim, r label channels, S_max the longest context.
 
-- `ds_label_scores`: grid (B, Hkv, S tiles). One program reads a tile of one KV head's labels once and scores
-  it for all G query heads of the group with a tensor-core dot ([G, r] x [r, tile], G and r padded to 16).
+- `ds_label_scores`: grid (B, S tiles). One program reads a tile of every KV head's labels (contiguous per
+  token) once and scores it for all query rows with one block-diagonal tensor-core dot ([rows, Hkv r] x
+  [Hkv r, tile]).
 - `ds_topk`: `torch.topk(sorted=False)` (a radix select on the GPU), plus an exact shortcut for rows whose
   context fits in the budget: every position is kept, in order, with the -1 tail. No host sync.
 - `ds_sparse_attention`: flash-decoding over the selected positions only. idx has one row per query head
@@ -31,7 +32,7 @@ from lmstack.engine.attention.triton_paged import (
     choose_num_splits,
 )
 
-_SCORE_TILE = 256  # tokens per label-scoring program: 256 x r labels in, G x 256 fp32 scores out
+_SCORE_TILE = 256  # tokens per label-scoring program (fewer when Hkv x r is wide)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -42,42 +43,49 @@ def _pow2_at_least_16(n: int) -> int:
 def _label_scores_kernel(
     q_ptr, lab_ptr, scale_ptr, tables_ptr, seq_lens_ptr, out_ptr,
     stride_qb, stride_qh,
-    stride_lb, stride_lt, stride_lh,
-    stride_sb, stride_st, stride_sh,
+    stride_lb, stride_lt,
+    stride_sb, stride_st,
     stride_bt, stride_ob, stride_oh,
-    s_max, r,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    s_max,
+    ROWS: tl.constexpr, ROWS_PER_KV: tl.constexpr, R: tl.constexpr, HR: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_HR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, KV head, token tile): scores of the group's query heads; -inf past the sequence's end."""
+    """One (sequence, token tile): the scores of every query row; -inf past the sequence's end.
+
+    A token's labels for all KV heads are one contiguous run of HR = Hkv * r values, so the tile is read as
+    one coalesced [BLOCK_N, HR] block. Each query row only meets its own KV head's r columns: q is loaded
+    block-diagonally (zero outside them), and one tensor-core dot gives every row's scores at once.
+    """
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    tile = tl.program_id(2)
+    tile = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    g = tl.arange(0, BLOCK_G)
-    c = tl.arange(0, BLOCK_R)
+    row = tl.arange(0, BLOCK_ROWS)
+    col = tl.arange(0, BLOCK_HR)
     tok = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    heads = kvh * GROUP + g
-    g_mask = g < GROUP
-    out = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh + tok[None, :]
-    out_mask = g_mask[:, None] & (tok < s_max)[None, :]
+    row_mask = row < ROWS
+    out = out_ptr + b.to(tl.int64) * stride_ob + row[:, None].to(tl.int64) * stride_oh + tok[None, :]
+    out_mask = row_mask[:, None] & (tok < s_max)[None, :]
     if tile * BLOCK_N >= seq_len:
-        tl.store(out, tl.full([BLOCK_G, BLOCK_N], float("-inf"), tl.float32), mask=out_mask)
+        tl.store(out, tl.full([BLOCK_ROWS, BLOCK_N], float("-inf"), tl.float32).to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
         return
     valid = tok < seq_len
-    c_mask = c < r
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + c[None, :],
-                mask=g_mask[:, None] & c_mask[None, :], other=0.0)
+    kv_of_row = row // ROWS_PER_KV
+    own = row_mask[:, None] & ((col // R)[None, :] == kv_of_row[:, None]) & (col < HR)[None, :]
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + row[:, None] * stride_qh + (col % R)[None, :],
+                mask=own, other=0.0)  # [BLOCK_ROWS, BLOCK_HR], block-diagonal
     block = tl.load(tables_ptr + b.to(tl.int64) * stride_bt + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     slot = tok % BLOCK_SIZE
-    lab = tl.load(lab_ptr + block[:, None] * stride_lb + slot[:, None] * stride_lt + kvh * stride_lh + c[None, :],
-                  mask=valid[:, None] & c_mask[None, :], other=0)
-    s = tl.dot(q, tl.trans(lab.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N] fp32
+    lab = tl.load(lab_ptr + block[:, None] * stride_lb + slot[:, None] * stride_lt + col[None, :],
+                  mask=valid[:, None] & (col < HR)[None, :], other=0)  # [BLOCK_N, BLOCK_HR]
+    s = tl.dot(q, tl.trans(lab.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_ROWS, BLOCK_N] fp32
     if QUANT:
-        scale = tl.load(scale_ptr + block * stride_sb + slot * stride_st + kvh * stride_sh, mask=valid, other=0.0)
-        s = s * scale.to(tl.float32)[None, :]
+        scale = tl.load(scale_ptr + block[None, :] * stride_sb + slot[None, :] * stride_st + kv_of_row[:, None],
+                        mask=row_mask[:, None] & valid[None, :], other=0.0)
+        s = s * scale.to(tl.float32)
     s = tl.where(valid[None, :], s, float("-inf"))
-    tl.store(out, s, mask=out_mask)
+    tl.store(out, s.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def ds_label_scores(
@@ -88,17 +96,19 @@ def ds_label_scores(
     label_scale: torch.Tensor | None = None,
     *,
     max_seq_len: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Approximate (unscaled) scores q_label · label of every cached token; see `double_sparse_ref`.
 
-    q_label [B, Hq, r] · label_cache [num_blocks, block_size, Hkv, r] (16-bit, or int8 with label_scale
-    [num_blocks, block_size, Hkv]) · block_tables [B, max_blocks] int32 · seq_lens [B] int32 → scores
-    [B, Hq, S_max] float32, -inf at positions >= seq_len. `max_seq_len` (the batch's longest context, known
-    on the host) avoids reading seq_lens back from the device.
+    q_label [B, Hq, r] (or [B, Hkv, r]: one query per KV group) · label_cache [num_blocks, block_size, Hkv,
+    r] (16-bit, or int8 with label_scale [num_blocks, block_size, Hkv]) · block_tables [B, max_blocks] int32 ·
+    seq_lens [B] int32 → scores [B, rows, S_max] (summed in fp32, stored as out_dtype), -inf at positions
+    >= seq_len. `max_seq_len` (the batch's longest context, known on the host) avoids reading seq_lens back
+    from the device.
     """
-    batch, n_heads, r = q_label.shape
+    batch, rows, r = q_label.shape
     block_size, n_kv = label_cache.shape[1], label_cache.shape[2]
-    if label_cache.shape[3] != r or n_heads % n_kv:
+    if label_cache.shape[3] != r or rows % n_kv:
         raise ValueError(f"q_label {tuple(q_label.shape)} does not fit label_cache {tuple(label_cache.shape)}")
     quant = label_cache.dtype == torch.int8
     if quant != (label_scale is not None):
@@ -106,25 +116,29 @@ def ds_label_scores(
     if block_tables.dtype != torch.int32 or block_size & (block_size - 1):
         raise ValueError("block_tables must be int32 and block_size a power of two")
     s_max = max_seq_len if max_seq_len is not None else (int(seq_lens.max().item()) if batch else 0)
-    out = torch.empty(batch, n_heads, s_max, device=q_label.device, dtype=torch.float32)
+    out = torch.empty(batch, rows, s_max, device=q_label.device, dtype=out_dtype)
     if batch == 0 or s_max == 0:
         return out
     if q_label.stride(-1) != 1:
         q_label = q_label.contiguous()
-    if label_cache.stride(-1) != 1:
-        raise ValueError("the label cache's channel dimension must be contiguous")
+    if label_cache.stride(3) != 1 or label_cache.stride(2) != r:
+        raise ValueError("the label cache must be contiguous over its (KV head, channel) dimensions")
+    if quant and label_scale.stride(2) != 1:
+        raise ValueError("the label scales must be contiguous over the KV heads")
     scale = label_scale if quant else label_cache  # unused pointer when not quantized
-    group = n_heads // n_kv
-    grid = (batch, n_kv, triton.cdiv(s_max, _SCORE_TILE))
+    block_hr = _pow2_at_least_16(n_kv * r)
+    block_n = max(16, min(_SCORE_TILE, 16384 // block_hr))  # bounds the [BLOCK_N, HR] tile in registers
+    grid = (batch, triton.cdiv(s_max, block_n))
     _label_scores_kernel[grid](
         q_label, label_cache, scale, block_tables, seq_lens, out,
         q_label.stride(0), q_label.stride(1),
-        label_cache.stride(0), label_cache.stride(1), label_cache.stride(2),
-        scale.stride(0), scale.stride(1), scale.stride(2),
+        label_cache.stride(0), label_cache.stride(1),
+        scale.stride(0), scale.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        s_max, r,
-        GROUP=group, BLOCK_G=_pow2_at_least_16(group), BLOCK_R=_pow2_at_least_16(r), BLOCK_SIZE=block_size,
-        BLOCK_N=_SCORE_TILE, QUANT=quant, DOT_PRECISION=_dot_precision(q_label),
+        s_max,
+        ROWS=rows, ROWS_PER_KV=rows // n_kv, R=r, HR=n_kv * r,
+        BLOCK_ROWS=_pow2_at_least_16(rows), BLOCK_HR=block_hr, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, QUANT=quant, DOT_PRECISION=_dot_precision(q_label),
         num_warps=4,
     )  # fmt: skip
     return out
