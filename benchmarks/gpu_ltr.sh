@@ -8,7 +8,14 @@
 #  train  full fine-tuning of MiniLM with ListMLE (a learning-rate sweep chosen by validation tau), the 10-bucket
 #         classifier baselines on the same encoder, tau of all of them on the held-out prompts ($OUT/ltr_rank.json,
 #         the fp16 ranker as $OUT/ranker.tar.part*: cat them, untar: the folder `ranker`). Data: the labels of
-#         the label step, else DATA (default .carry/ltr/sharegpt.jsonl.gz: lengths of ShareGPT's own answers).
+#         the label step, else DATA (default .carry/ltr/labels.jsonl.gz when prepared with LABELS=results, else
+#         .carry/ltr/sharegpt.jsonl.gz: lengths of ShareGPT's own answers). With ENCODER=NAME (as given to
+#         `ENCODER=NAME benchmarks/prepare_ltr_carry.sh`, e.g. smollm2-135m-instruct) the backbone is that
+#         decoder-only LM, fully fine-tuned like the paper's OPT-125M, its GGUF assembled from .carry/ltr_enc/;
+#         its defaults: LRS "2e-5 5e-5", POOLING mean, LIST_SIZE 32. Finished trainings are skipped, so a rerun
+#         on the still-warm machine resumes; CLASSIFIERS (default "uniform quantile") picks the bucket baselines.
+#  fetch  copy 4 of the trained ranker's tar parts, from index FETCH (default 0), to $OUT: a SmolLM2 ranker is
+#         ~270 MB in fp16 and a call returns at most 64 MiB, so it comes back over several calls.
 #  serve  fcfs, mlfq, ltr and oracle-sjf on Llama-3-8B shapes (random weights, bf16) with the held-out prompts
 #         replaying their labelled lengths, so every policy does identical work: a burst (synthetic data
 #         generation), then Poisson rates around the measured capacity with the batch capped at MAX_NUM_SEQS.
@@ -23,7 +30,7 @@ WORK=${WORK:-/tmp/ltr-work}
 DEVICE=${DEVICE:-cuda}
 MODEL=${MODEL:-dummy:$C/llama-3-8b-v49k}
 STEPS=${STEPS:-train serve}
-DATA=${DATA:-$C/sharegpt.jsonl.gz}
+if [ -f "$C/labels.jsonl.gz" ]; then DATA=${DATA:-$C/labels.jsonl.gz}; else DATA=${DATA:-$C/sharegpt.jsonl.gz}; fi
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/gpu_ltr.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
@@ -40,16 +47,28 @@ if [[ " $STEPS " == *" label "* ]]; then
   gzip -c "$WORK/labels.jsonl" > "$OUT/labels.jsonl.gz"
   DATA=$WORK/labels.jsonl
 fi
-train() {  # NAME, then extra `lmstack ltr train` options
+if [ -n "${ENCODER:-}" ]; then
+  source benchmarks/carried_gguf.sh
+  assemble "ltr-encoder-$ENCODER" .carry/ltr_enc .carry/ltr_enc.size || exit 1
+  ENC_ARGS=(--encoder "$LMSTACK_CACHE/gguf/ltr-encoder-$ENCODER.gguf" --pooling "${POOLING:-mean}")
+  ENC_LABEL="$ENCODER (decoder-only, ${POOLING:-mean} pooling)"
+  LRS=${LRS:-2e-5 5e-5}
+else
+  ENC_ARGS=(--encoder "$C/encoder")
+  ENC_LABEL=MiniLM-L6
+  LRS=${LRS:-5e-5 1e-4}
+fi
+train() {  # NAME, then extra `lmstack ltr train` options; skipped when an earlier call finished it
   local name=$1; shift
-  python3 -m lmstack.cli ltr train --data "$DATA" --encoder "$C/encoder" --device "$DEVICE" \
-    --max-length "${MAXLEN:-512}" --epochs "${EPOCHS:-4}" --output "$WORK/$name" ${TRAIN_EXTRA:-} "$@" 2>&1 \
-    | tr "\r" "\n" | grep -E "^(epoch|/|lmstack|error)" | sed "s|^|[$name] |"
+  [ -f "$WORK/$name/ranker.json" ] && { echo "[$name] already trained"; return 0; }
+  python3 -m lmstack.cli ltr train --data "$DATA" "${ENC_ARGS[@]}" --device "$DEVICE" \
+    --max-length "${MAXLEN:-512}" --epochs "${EPOCHS:-4}" --list-size "${LIST_SIZE:-32}" --output "$WORK/$name" \
+    ${TRAIN_EXTRA:-} "$@" 2>&1 | tr "\r" "\n" | grep -E "^(epoch|/|lmstack|error)" | sed "s|^|[$name] |"
 }
 train_and_eval() {
   local best_lr="" best_tau=-2 lr tau
-  [ "$DEVICE" = cuda ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_encoder.py tests/test_ranking.py | tail -2
-  for lr in ${LRS:-5e-5 1e-4}; do
+  [ "$DEVICE" = cuda ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_encoder.py tests/test_ranking.py tests/test_ranking_decoder.py | tail -2
+  for lr in $LRS; do
     train "listmle-$lr" --lr "$lr"
     tau=$(python3 -c "import json; print(json.load(open('$WORK/listmle-$lr/ranker.json'))['info']['training']['best_val_tau'])")
     echo "[listmle-$lr] val tau $tau at ${SECONDS}s"
@@ -59,16 +78,29 @@ train_and_eval() {
   # What ships, and what is evaluated: the fp16 copy.
   python3 -c "import sys, torch; from lmstack.ranking import LengthRanker
 LengthRanker.load(sys.argv[1]).save(sys.argv[2], dtype=torch.float16)" "$WORK/listmle-$best_lr" "$WORK/ranker"
-  train bucket-uniform --objective bucket --buckets uniform --lr "$best_lr"
-  train bucket-quantile --objective bucket --buckets quantile --lr "$best_lr"
-  python3 -m lmstack.cli ltr eval --data "$DATA" --ranker "$WORK/ranker" --device "$DEVICE" \
-    --bucket-classifier "$WORK/bucket-uniform" --extra-classifier "quantile=$WORK/bucket-quantile" \
-    --label "MiniLM-L6 fully fine-tuned on $DEVICE (ListMLE, lr $best_lr by val tau, max length ${MAXLEN:-512}, ${EPOCHS:-4} epochs)" \
+  local kind clf=()
+  for kind in ${CLASSIFIERS-uniform quantile}; do
+    train "bucket-$kind" --objective bucket --buckets "$kind" --lr "$best_lr"
+    if [ ${#clf[@]} = 0 ]; then clf=(--bucket-classifier "$WORK/bucket-$kind")
+    else clf+=(--extra-classifier "$kind=$WORK/bucket-$kind"); fi
+  done
+  python3 -m lmstack.cli ltr eval --data "$DATA" --ranker "$WORK/ranker" --device "$DEVICE" "${clf[@]}" \
+    --label "$ENC_LABEL fully fine-tuned on $DEVICE (ListMLE, lists of ${LIST_SIZE:-32}, lr $best_lr by val tau, max length ${MAXLEN:-512}, ${EPOCHS:-4} epochs)" \
     --output "$OUT/ltr_rank.json" 2>&1 | tr "\r" "\n" | grep -v -E "^(scoring|timing)" | tail -24
-  tar -C "$WORK" -cf - ranker | split -b 15m - "$OUT/ranker.tar.part"
+  rm -f "$WORK"/ranker.tar.part*
+  tar -C "$WORK" -cf - ranker | split -b 15m - "$WORK/ranker.tar.part"
+  local parts=("$WORK"/ranker.tar.part*)
+  if [ ${#parts[@]} -le 4 ]; then cp "${parts[@]}" "$OUT/"
+  else echo "the ranker is ${#parts[@]} parts of 15 MiB, too many for one call: fetch them 4 at a time with" \
+    "STEPS=fetch FETCH=0, 4, 8, ... on the still-warm machine"; fi
   echo "ranker trained and evaluated at ${SECONDS}s"
   zcat -f "$DATA" | grep '"split": "test"' | gzip > "$WORK/test.jsonl.gz"
 }
+if [[ " $STEPS " == *" fetch "* ]]; then  # parts FETCH.. FETCH+3 of a trained ranker (4 x 15 MiB a call)
+  parts=("$WORK"/ranker.tar.part*)
+  cp "${parts[@]:${FETCH:-0}:4}" "$OUT/" && echo "fetched parts from ${FETCH:-0} of ${#parts[@]}"
+  exit
+fi
 if [ -n "${RANKER:-}" ]; then
   cp "$TEST" "$WORK/test.jsonl.gz" && cp -r "$RANKER" "$WORK/ranker" || exit 1
 elif [[ " $STEPS " == *" train "* ]]; then

@@ -43,7 +43,12 @@ def _add_build_data(p: argparse.ArgumentParser) -> None:
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="JSONL from `lmstack ltr build-data` (.gz accepted)")
     p.add_argument("--output", required=True, help="ranker folder to write")
-    p.add_argument("--encoder", default="all-minilm-l6-v2", help="embedded encoder name or HF BERT encoder folder")
+    p.add_argument("--encoder", default="all-minilm-l6-v2",
+                   help="BERT encoder (all-minilm-l6-v2 or an HF BERT folder) or decoder-only LM backbone "
+                        "(smollm2-135m-instruct, a .gguf file or an HF Llama/Qwen2 folder); default all-minilm-l6-v2")
+    p.add_argument("--pooling", default=None, choices=("mean", "last"),
+                   help="decoder backbones: mean of the final hidden states over the prompt (default) or the last "
+                        "token's")
     p.add_argument("--objective", default="listmle", choices=("listmle", "bucket"),
                    help="listmle: the ranker; bucket: the length-bucket classifier baseline")
     p.add_argument("--buckets", default="uniform", choices=("uniform", "quantile"),
@@ -159,7 +164,7 @@ def _train(args: argparse.Namespace) -> int:
                          weight_decay=args.weight_decay, freeze_encoder=args.freeze_encoder,
                          max_steps=args.max_steps, seed=args.seed, cache_dir=cache_dir)
     ranker = LengthRanker.create(args.encoder, objective, head_hidden=head_hidden, max_length=args.max_length,
-                                 device=device, seed=args.seed)
+                                 device=device, seed=args.seed, pooling=args.pooling)
     if not 2 <= ranker.max_length <= ranker.encoder.config.max_position_embeddings:
         raise LmstackError(f"--max-length must be in 2..{ranker.encoder.config.max_position_embeddings}")
     ranker.info["data"] = str(args.data)
@@ -173,7 +178,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-_TRAIN_OPTIONS = ("data", "output", "encoder", "objective", "buckets", "num_buckets", "bucket_max_len",
+_TRAIN_OPTIONS = ("data", "output", "encoder", "pooling", "objective", "buckets", "num_buckets", "bucket_max_len",
                   "label_group", "head_hidden", "max_length", "epochs", "list_size", "lr", "head_lr",
                   "weight_decay", "max_steps", "train_limit", "device", "seed", "save_dtype")
 

@@ -1,8 +1,10 @@
 """`LengthRanker`: a small encoder plus a score head that orders prompts by predicted output length.
 
 The engine's `ltr` policy loads one from a folder and calls `score(prompts)` once per request at admission:
-higher = longer predicted output. The folder is an ordinary HF encoder folder (config.json, model.safetensors,
-tokenizer.json, loadable by `load_encoder` and by transformers) plus head.safetensors and ranker.json.
+higher = longer predicted output. The encoder is a BERT sentence encoder (MiniLM by default) or a decoder-only
+LM (SmolLM2, Qwen2, ..., as the paper's OPT-125M ranker). The folder is that encoder's ordinary HF folder
+(config.json, model.safetensors, tokenizer.json, loadable by lmstack and by transformers) plus
+head.safetensors and ranker.json.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmstack.errors import LmstackError, ModelLoadError
-from lmstack.models.encoder import DEFAULT_ENCODER, SentenceEncoder, load_encoder, mean_pool
+from lmstack.models.decoder_encoder import POOLINGS, DecoderEncoder, is_decoder_model, load_decoder_encoder
+from lmstack.models.encoder import DEFAULT_ENCODER, EMBEDDED_ENCODERS, SentenceEncoder, load_encoder
 from lmstack.ranking.baselines import BucketObjective
 from lmstack.ranking.data import LengthExample
 from lmstack.ranking.listmle import ListMLEObjective
@@ -51,6 +54,25 @@ class Objective(Protocol):
 
 OBJECTIVES: dict[str, type] = {"listmle": ListMLEObjective, "bucket": BucketObjective}
 
+TextEncoder = SentenceEncoder | DecoderEncoder
+
+
+def load_backbone(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  pooling: str | None = None) -> TextEncoder:
+    """A BERT encoder (embedded name or folder) or a decoder LM (anything `lmstack.models.load` reads but
+    `dummy:`); `pooling` (mean or last token) applies to decoder LMs only, which is where the choice matters."""
+    if is_decoder_model(name_or_path):
+        return load_decoder_encoder(name_or_path, device=device, dtype=dtype, pooling=pooling)
+    if pooling is not None and pooling != "mean":
+        raise LmstackError(f"pooling {pooling!r} is for decoder-only backbones; BERT encoders use mean pooling")
+    if name_or_path not in EMBEDDED_ENCODERS and not Path(name_or_path).expanduser().is_dir():
+        from lmstack.models.registry import EMBEDDED
+
+        raise ModelLoadError(f"encoder {name_or_path!r} not found: pass a BERT encoder ({', '.join(EMBEDDED_ENCODERS)}"
+                             f" or an HF BERT folder) or a decoder LM ({', '.join(EMBEDDED)}, a .gguf file or an HF "
+                             "Llama/Qwen2 folder)")
+    return load_encoder(name_or_path, device=device, dtype=dtype)
+
 
 def objective_from_config(cfg: dict[str, Any]) -> Objective:
     kwargs = dict(cfg)
@@ -74,7 +96,7 @@ def make_head(hidden_size: int, out_dim: int, head_hidden: int = 0, dropout: flo
 class LengthRanker(torch.nn.Module):
     """Encoder → L2-normalised mean pooling → head. `score` ranks; `fit` trains; `save`/`load` use a folder."""
 
-    def __init__(self, encoder: SentenceEncoder, objective: Objective, head_hidden: int = 0,
+    def __init__(self, encoder: TextEncoder, objective: Objective, head_hidden: int = 0,
                  max_length: int | None = None, info: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
@@ -86,11 +108,15 @@ class LengthRanker(torch.nn.Module):
 
     @classmethod
     def create(cls, encoder: str = DEFAULT_ENCODER, objective: Objective | None = None, head_hidden: int = 0,
-               max_length: int | None = None, device: str = "cpu", seed: int = 0) -> LengthRanker:
-        """A new ranker over a pretrained encoder with a freshly initialised head."""
+               max_length: int | None = None, device: str = "cpu", seed: int = 0,
+               pooling: str | None = None) -> LengthRanker:
+        """A new ranker over a pretrained encoder (see `load_backbone`) with a freshly initialised head."""
+        if pooling is not None and pooling not in POOLINGS:
+            raise LmstackError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         torch.manual_seed(seed)
-        return cls(load_encoder(encoder, device=device), objective or ListMLEObjective(), head_hidden, max_length,
-                   {"encoder": encoder})
+        backbone = load_backbone(encoder, device=device, pooling=pooling)
+        info = {"encoder": encoder, "pooling": getattr(backbone, "pooling", "mean")}
+        return cls(backbone, objective or ListMLEObjective(), head_hidden, max_length, info)
 
     @property
     def device(self) -> torch.device:
@@ -98,8 +124,7 @@ class LengthRanker(torch.nn.Module):
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask [B, T] → sentence embeddings [B, H] float32 (what a frozen head sees)."""
-        hidden = self.encoder.model(input_ids, attention_mask)  # [B, T, H]
-        return F.normalize(mean_pool(hidden, attention_mask), p=2, dim=-1)
+        return F.normalize(self.encoder(input_ids, attention_mask), p=2, dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T] → head output [B, K] (K = 1 for ListMLE, the number of buckets for the classifier)."""
@@ -186,7 +211,7 @@ class LengthRanker(torch.nn.Module):
             raise ModelLoadError(f"cannot read {meta_file}: {e}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ModelLoadError(f"{meta_file} is not a {FORMAT} v{VERSION} file; retrain with this lmstack")
-        encoder = load_encoder(str(path), device=device, dtype=dtype)
+        encoder = load_backbone(str(path), device=device, dtype=dtype)
         ranker = cls(encoder, objective_from_config(meta["objective"]), int(meta.get("head_hidden", 0)),
                      int(meta["max_length"]), meta.get("info"))
         try:

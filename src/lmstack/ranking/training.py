@@ -20,12 +20,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from lmstack.errors import LmstackError
-from lmstack.models.encoder import SentenceEncoder
 from lmstack.ranking.data import LengthExample
 from lmstack.ranking.metrics import kendall_tau
 
 if TYPE_CHECKING:
-    from lmstack.ranking.predictor import LengthRanker
+    from lmstack.ranking.predictor import LengthRanker, TextEncoder
 
 _CHUNK = 512  # prompts per cached embedding file
 
@@ -157,9 +156,11 @@ def _forward(ranker: LengthRanker, ids: list[list[int]]) -> torch.Tensor:
         return ranker(input_ids, mask)
 
 
-def _encoder_key(encoder: SentenceEncoder, max_length: int) -> str:
-    """Cache folder key: the encoder's exact weights and the truncation length."""
-    h = hashlib.sha256(f"{max_length}\n".encode())
+def _encoder_key(encoder: TextEncoder, max_length: int) -> str:
+    """Cache folder key: the encoder's exact weights, the truncation length and any pooling but the mean."""
+    pooling = getattr(encoder, "pooling", "mean")
+    suffix = "" if pooling == "mean" else f"{pooling}\n"  # keeps the keys of existing mean-pooled caches
+    h = hashlib.sha256(f"{max_length}\n{suffix}".encode())
     for name, tensor in sorted(encoder.model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -174,7 +175,7 @@ def _chunk_key(prompts: Sequence[str]) -> str:
     return h.hexdigest()[:24]
 
 
-def embeddings(encoder: SentenceEncoder, prompts: Sequence[str], max_length: int,
+def embeddings(encoder: TextEncoder, prompts: Sequence[str], max_length: int,
                cache_dir: str | None = None, batch_size: int = 32) -> torch.Tensor:
     """Sentence embeddings [N, H] float32 on CPU, computed in chunks that are cached under `cache_dir`."""
     prompts = list(prompts)
