@@ -13,8 +13,32 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmstack.engine.attention import AttentionBackend, AttentionMetadata
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy machine waiting on them costs 10-60x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def no_cache_ctx(lengths: list[int]) -> AttentionBackend:
+    """The engine's attention over a flat batch of whole prompts, without a KV cache."""
+    qsl = [0]
+    for n in lengths:
+        qsl.append(qsl[-1] + n)
+    ctx = AttentionBackend(None)
+    t = torch.tensor
+    ctx.meta = AttentionMetadata(slot_mapping=t([]), query_start_loc=t(qsl), seq_lens=t(lengths),
+                                 block_tables=t([[0]]), query_start_loc_cpu=qsl, seq_lens_cpu=lengths,
+                                 max_query_len=max(lengths), max_seq_len=max(lengths))
+    return ctx
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -16,13 +16,7 @@ TEXTS = ["Hello world", "Write a long essay about the history of the Roman empir
          "def f(x):\n    return x * 2\n" * 40, "Ünïcödé café 東京 🚀", "ok"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine waiting on them costs 10-60x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tiny_encoder(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:

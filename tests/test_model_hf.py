@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmstack.engine.attention import AttentionBackend, AttentionMetadata
+from conftest import no_cache_ctx
 from lmstack.models import load
 from lmstack.models.config import ModelConfig
 from lmstack.models.dummy import PRESETS
@@ -14,25 +14,13 @@ from lmstack.models.llama import LlamaModel
 transformers = pytest.importorskip("transformers")
 
 
-def _no_cache_ctx(lengths: list[int]) -> AttentionBackend:
-    qsl = [0]
-    for n in lengths:
-        qsl.append(qsl[-1] + n)
-    ctx = AttentionBackend(None)
-    t = torch.tensor
-    ctx.meta = AttentionMetadata(slot_mapping=t([]), query_start_loc=t(qsl), seq_lens=t(lengths),
-                                 block_tables=t([[0]]), query_start_loc_cpu=qsl, seq_lens_cpu=lengths,
-                                 max_query_len=max(lengths), max_seq_len=max(lengths))
-    return ctx
-
-
 def _ours_vs_hf(model: LlamaModel, hf: torch.nn.Module, vocab: int, lengths: list[int]) -> float:
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
     ids = torch.cat(seqs)
     pos = torch.cat([torch.arange(n) for n in lengths])
     with torch.no_grad():
-        ours = model.compute_logits(model(ids, pos, _no_cache_ctx(lengths)))
+        ours = model.compute_logits(model(ids, pos, no_cache_ctx(lengths)))
         theirs = torch.cat([hf(s[None]).logits[0].float() for s in seqs])
     return (ours - theirs).abs().max().item()
 

@@ -23,13 +23,7 @@ STYLES = [("Answer briefly, in one word: yes or no.", 8), ("Explain it in detail
           ("Write a long essay about it.", 900)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine waiting on them costs 10-60x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(n: int, seed: int = 0) -> list[SourceItem]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import no_cache_ctx
 from lmstack.cli import main
-from lmstack.engine.attention import AttentionBackend, AttentionMetadata
 from lmstack.errors import ModelLoadError
 from lmstack.models import load
 from lmstack.models.decoder_encoder import is_decoder_model, load_decoder_encoder
@@ -25,26 +25,7 @@ TEXTS = ["Hello world", "Write a long essay about cats, dogs and birds.", "def f
          "", "ok"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine waiting on them costs 10-60x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _no_cache_ctx(lengths: list[int]) -> AttentionBackend:
-    """The engine's attention over a flat batch of whole prompts, no KV cache (as tests/test_model_hf.py)."""
-    qsl = [0]
-    for n in lengths:
-        qsl.append(qsl[-1] + n)
-    ctx = AttentionBackend(None)
-    t = torch.tensor
-    ctx.meta = AttentionMetadata(slot_mapping=t([]), query_start_loc=t(qsl), seq_lens=t(lengths),
-                                 block_tables=t([[0]]), query_start_loc_cpu=qsl, seq_lens_cpu=lengths,
-                                 max_query_len=max(lengths), max_seq_len=max(lengths))
-    return ctx
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tiny_llama(folder: Path, tokenizer_dir: Path, preset: str = "tiny-llama") -> Path:
@@ -87,7 +68,7 @@ def test_backbone_matches_the_serving_forward(tmp_path: Path, tiny_tokenizer_dir
     flat = torch.tensor([i for x in ids for i in x])
     positions = torch.cat([torch.arange(n) for n in lengths])
     with torch.no_grad():
-        want = model(flat, positions, _no_cache_ctx(lengths)).split(lengths)
+        want = model(flat, positions, no_cache_ctx(lengths)).split(lengths)
         hidden = encoder.model(*encoder.pad(ids))
     for row, (n, w) in enumerate(zip(lengths, want, strict=True)):
         torch.testing.assert_close(hidden[row, :n], w, atol=1e-5, rtol=1e-4)

@@ -16,19 +16,17 @@ tokenizer files) and `decoder_encoder.json` with the pooling and truncation leng
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 from torch import nn
 
 from lmstack.errors import ModelLoadError
 from lmstack.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from lmstack.models.encoder import mean_pool
+from lmstack.models.encoder import PaddedTextEncoder, mean_pool
 from lmstack.models.fused import add_rms_norm_ref, rotary_ref, silu_and_mul_ref
 from lmstack.models.llama import LlamaModel
 from lmstack.models.registry import EMBEDDED
@@ -107,7 +105,7 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(torch.float32)
 
 
-class DecoderEncoder(nn.Module):
+class DecoderEncoder(PaddedTextEncoder):
     """A causal LM backbone with its tokenizer: texts → padded batch → hidden states or pooled vectors.
 
     Same interface as `SentenceEncoder` (token_ids, pad, encode_batch, forward, embed, save, device,
@@ -116,38 +114,21 @@ class DecoderEncoder(nn.Module):
 
     def __init__(self, model: CausalBackbone, tokenizer_files: dict[str, str], pooling: str = DEFAULT_POOLING,
                  max_length: int = DEFAULT_MAX_LENGTH) -> None:
-        super().__init__()
         if pooling not in POOLINGS:
             raise ModelLoadError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        # An empty prompt still needs one token to pool over; padding reuses it (masked out anyway).
+        fallback = model.config.bos_token_id or (model.config.eos_token_id or [0])[0]
+        super().__init__(tokenizer_files["tokenizer.json"], fallback)
+        self._fallback_id = fallback
         self.model = model
         self.config = model.config
         self.pooling = pooling
         self.max_length = min(max_length, self.config.max_position_embeddings)
         self._tokenizer_files = tokenizer_files  # file name → text, written again by `save`
-        self._tokenizers: dict[int, Tokenizer] = {}
-        self._lock = threading.Lock()
-        # An empty prompt still needs one token to pool over.
-        self._fallback_id = self.config.bos_token_id or (self.config.eos_token_id or [0])[0]
-        self._pad_id = self._fallback_id
 
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    def _tokenizer(self, max_length: int) -> Tokenizer:
-        """One tokenizer per truncation length: `enable_truncation` mutates shared state, so never toggle it."""
-        with self._lock:
-            tok = self._tokenizers.get(max_length)
-            if tok is None:
-                tok = Tokenizer.from_str(self._tokenizer_files["tokenizer.json"])
-                tok.no_padding()
-                tok.enable_truncation(max_length=max_length)
-                self._tokenizers[max_length] = tok
-            return tok
 
     def token_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids (the first `max_length`, default the encoder's); never empty."""
@@ -156,48 +137,11 @@ class DecoderEncoder(nn.Module):
             raise ValueError(f"max_length must be in 1..{self.config.max_position_embeddings}, got {length}")
         return [enc.ids or [self._fallback_id] for enc in self._tokenizer(length).encode_batch(list(texts))]
 
-    def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lists of ids → right-padded (input_ids [B, T], attention_mask [B, T]) on the encoder's device."""
-        t = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), t), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), t), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[i, : len(x)] = 1
-        return input_ids.to(self.device), mask.to(self.device)
-
-    def encode_batch(self, texts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """texts → (hidden [B, T, D] in the model's dtype, attention_mask [B, T]); keeps the autograd graph."""
-        if not texts:
-            raise ValueError("encode_batch needs at least one text")
-        input_ids, mask = self.pad(self.token_ids(texts, max_length))
-        return self.model(input_ids, mask), mask
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask [B, T] → pooled (not normalised) sentence vectors [B, D] float32."""
         hidden = self.model(input_ids, attention_mask)
         pool = mean_pool if self.pooling == "mean" else last_token_pool
         return pool(hidden, attention_mask)
-
-    @torch.no_grad()
-    def embed(self, texts: list[str], batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
-        """texts → L2-normalised sentence vectors [N, D] float32 on CPU, batched by length, in input order."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out = torch.empty((len(texts), self.hidden_size), dtype=torch.float32)
-        if not texts:
-            return out
-        ids = self.token_ids(texts, max_length)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                out[chunk] = F.normalize(self(*self.pad([ids[i] for i in chunk])), p=2, dim=-1).cpu()
-        finally:
-            self.train(was_training)
-        return out
 
     def save(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write an HF checkpoint folder that `lmstack.models.load` and `load_decoder_encoder` read back;

@@ -194,28 +194,27 @@ def _read_json(path: Path) -> dict[str, Any]:
     return d
 
 
-class SentenceEncoder(torch.nn.Module):
-    """A BERT encoder with its tokenizer: texts → padded batch → hidden states or sentence embeddings."""
+class PaddedTextEncoder(torch.nn.Module):
+    """What every text encoder over a padded batch shares (BERT here, decoder-only LMs in `decoder_encoder`):
+    one tokenizer per truncation length, right padding, and embedding in batches of similar length.
+    Subclasses set `model` and `config` and define `token_ids` and `forward` (pooled sentence vectors)."""
 
-    def __init__(self, model: BertEncoder, tokenizer: Tokenizer, max_length: int,
-                 extra_config: dict[str, Any]) -> None:
+    model: torch.nn.Module
+    config: Any
+
+    def __init__(self, tokenizer_json: str, pad_id: int) -> None:
         super().__init__()
-        self.model = model
-        self.config = model.config
-        self.max_length = max_length  # default truncation, the model's training length
-        self._tokenizer_json = tokenizer.to_str()
-        self._pad_id = self.config.pad_token_id
-        self._extra_config = extra_config  # config.json fields we do not use, kept when saving
+        self._tokenizer_json = tokenizer_json
+        self._pad_id = pad_id
         self._tokenizers: dict[int, Tokenizer] = {}
         self._lock = threading.Lock()
 
     @property
-    def device(self) -> torch.device:
-        return self.model.word.weight.device
-
-    @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    def token_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        raise NotImplementedError
 
     def _tokenizer(self, max_length: int) -> Tokenizer:
         """One tokenizer per truncation length: `enable_truncation` mutates shared state, so never toggle it."""
@@ -227,11 +226,6 @@ class SentenceEncoder(torch.nn.Module):
                 tok.enable_truncation(max_length=max_length)
                 self._tokenizers[max_length] = tok
             return tok
-
-    def token_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-        """Token ids with the special tokens, truncated to `max_length` (default: the encoder's)."""
-        length = self._check_length(max_length)
-        return [enc.ids for enc in self._tokenizer(length).encode_batch(texts)]
 
     def pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Lists of ids → (input_ids [B, T], attention_mask [B, T]) on the encoder's device, T = the longest."""
@@ -249,10 +243,6 @@ class SentenceEncoder(torch.nn.Module):
             raise ValueError("encode_batch needs at least one text")
         input_ids, mask = self.pad(self.token_ids(texts, max_length))
         return self.model(input_ids, mask), mask
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask [B, T] → mean-pooled (not normalised) sentence vectors [B, H] float32."""
-        return mean_pool(self.model(input_ids, attention_mask), attention_mask)
 
     @torch.no_grad()
     def embed(self, texts: list[str], batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
@@ -277,6 +267,31 @@ class SentenceEncoder(torch.nn.Module):
         finally:
             self.train(was_training)
         return out
+
+
+class SentenceEncoder(PaddedTextEncoder):
+    """A BERT encoder with its tokenizer: texts → padded batch → hidden states or sentence embeddings."""
+
+    def __init__(self, model: BertEncoder, tokenizer: Tokenizer, max_length: int,
+                 extra_config: dict[str, Any]) -> None:
+        super().__init__(tokenizer.to_str(), model.config.pad_token_id)
+        self.model = model
+        self.config = model.config
+        self.max_length = max_length  # default truncation, the model's training length
+        self._extra_config = extra_config  # config.json fields we do not use, kept when saving
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.word.weight.device
+
+    def token_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids with the special tokens, truncated to `max_length` (default: the encoder's)."""
+        length = self._check_length(max_length)
+        return [enc.ids for enc in self._tokenizer(length).encode_batch(texts)]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask [B, T] → mean-pooled (not normalised) sentence vectors [B, H] float32."""
+        return mean_pool(self.model(input_ids, attention_mask), attention_mask)
 
     def _check_length(self, max_length: int | None) -> int:
         length = self.max_length if max_length is None else max_length
