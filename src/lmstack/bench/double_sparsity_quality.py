@@ -9,7 +9,8 @@ Channel choices compared on the same windows: calibrated (centred |q_c (k_c - me
 the paper's plain |q_c k_c|), random, first-r, |q| and |k|; `ds_1_16_dense2` keeps layers 0 and 1 dense
 (the backend's `dense_layers`), where attention is least concentrated; `exact_top_1_16` ranks by all of K,
 i.e. the exact top-k tokens at the same budget: what is lost to the token budget alone, not to the labels;
-`*_kv_group` share one token list per KV head (the GQA-friendly selection the speed benchmark also times).
+`*_kv_group` share one token list per KV head (the GQA-friendly selection the speed benchmark also times);
+`ds_1_16_bytes_int8` spends the label bytes of 1/16 differently: twice the channels (head_dim/8) in int8.
 
 Retrieval: generated `key: value` lists of several lengths through the real engine (`LLM`), dense vs the
 `double_sparse` backend (sparse decode, budget = 1/16 of the context, dense prefill). The first answer
@@ -56,9 +57,10 @@ class Variant:
     dense_layers: tuple[int, ...] = ()
     all_channels: bool = False  # labels = all of K: the exact top-k tokens, the best any channel choice can do
     selection: str = "head"  # kv_group: one token list per KV head, ranked by the group's summed label scores
+    channel_sparsity: int | None = None  # r = head_dim / this (default: `sparsity`, the token fraction's too)
 
     def r(self, head_dim: int) -> int:
-        return head_dim if self.all_channels else max(1, head_dim // self.sparsity)
+        return head_dim if self.all_channels else max(1, head_dim // (self.channel_sparsity or self.sparsity))
 
 
 VARIANTS: dict[str, Variant] = {
@@ -75,6 +77,7 @@ VARIANTS: dict[str, Variant] = {
     "exact_top_1_16": Variant("qkc", 16, all_channels=True),
     "ds_1_8_kv_group": Variant("qkc", 8, selection="kv_group"),
     "ds_1_16_kv_group": Variant("qkc", 16, selection="kv_group"),
+    "ds_1_16_bytes_int8": Variant("qkc", 16, label_bits=8, channel_sparsity=8),
 }
 
 
