@@ -17,12 +17,11 @@ from lmstack.engine import EngineConfig, LLMEngine, SamplingParams
 from lmstack.engine.attention import AttentionBackend, AttentionMetadata
 from lmstack.engine.sampler import sampling_probs
 from lmstack.engine.spec import NgramProposer, rejection_sample
+from lmstack.engine.spec.acceptance import Acceptance, expected_tokens
 from lmstack.engine.spec.controller import (
     FEATURES,
-    Acceptance,
     SmartSpec,
     StepShape,
-    expected_tokens,
     fit_nonnegative,
     make_controller,
     merge_profiles,
@@ -346,7 +345,8 @@ def test_smartspec_chooses_zero_when_speculation_does_not_pay() -> None:
 def test_smartspec_speculates_when_it_pays() -> None:
     ctl = _planted(np.array([0.05, 1e-4, 1e-7, 0.002, 1e-5]))
     _set_acceptance(ctl, 0.8, 4)
-    assert ctl.acceptance.of(0) == pytest.approx(0.8, abs=0.08)
+    survival = np.mean([ctl.acceptance.survival(key) for key in range(4)], axis=0)  # each alone: ~5 recent tests
+    assert survival == pytest.approx(0.8 ** np.arange(1, 6), abs=0.08)
     k = ctl.choose(_shape(4))
     assert k >= 3
     assert ctl.goodput(_shape(4), k) > 2 * ctl.goodput(_shape(4), 0)
@@ -510,14 +510,18 @@ def test_profiles_of_another_version_are_not_merged() -> None:
 
 
 def test_acceptance_and_expected_tokens() -> None:
-    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 3) == 4.0
-    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
-    acc = Acceptance()
+    assert expected_tokens(np.zeros(5), 5) == 1.0 and expected_tokens(np.ones(5), 3) == 4.0
+    assert expected_tokens(0.5 ** np.arange(1, 6), 2) == pytest.approx(1.75)  # geometric: 1 + a + a^2
+    acc = Acceptance(5)
     acc.observe("a", 3, 3)
     acc.observe("a", 3, 0)
     assert acc.total_tested == 4  # 3 accepted of 3, then 1 tested and rejected
+    assert acc.table[1, 0].tolist() == [1, 1, 1, 0, 0]  # new request: 3 tested, 3 accepted
+    assert acc.table[:, 1].tolist() == [[0] * 5, [1, 0, 0, 0, 0]]  # after that hit: the 1st rejected, the rest censored
     acc.forget("a")
-    assert acc.of("a") == pytest.approx(acc.rate)
+    assert acc.survival("a") == pytest.approx(np.cumprod(acc.hazards(0)))  # a new request: the global estimate
+    with pytest.raises(ValueError):
+        acc.observe("b", 6, 0)
 
 
 def test_profile_warm_start(tmp_path) -> None:
@@ -622,3 +626,14 @@ def test_smartspec_bench_rejects_zero_repeats(capsys) -> None:
     assert main(["bench", "smartspec", "--proposer", "ngram", "--repeats", "0"]) == 2
     err = capsys.readouterr().err
     assert "--repeats must be >= 1" in err and "Traceback" not in err
+
+
+def test_smartspec_bench_alternates_the_turns_of_the_policies() -> None:
+    """No-spec always first; smart last on even traces and right after no-spec on odd ones, so that a drift
+    within a trace does not always land on the same policy."""
+    from lmstack.bench.smartspec import _policies, turns
+
+    policies = _policies("nospec,1,3,smart")
+    assert [n for n, _ in turns(policies, 0)] == ["nospec", "k=1", "k=3", "smart"]
+    assert [n for n, _ in turns(policies, 1)] == ["nospec", "smart", "k=3", "k=1"]
+    assert turns(policies, 2) == turns(policies, 0)

@@ -14,8 +14,10 @@ Workloads:
   paragraph (`--data quote`).
 
 With `--repeats R` every rate is replayed on R arrival traces (other seeds), the policies taking turns within
-each trace so that drift of the machine touches all of them alike; the results average each policy's metrics
-over its traces and keep every trace's mean latency beside them.
+each trace so that drift of the machine touches all of them alike: no-spec first, the others in order on even
+traces and in reverse on odd ones, so that no policy always runs last (a drift over the turns of a trace then
+cancels over pairs of traces); the results average each policy's metrics over its traces and keep every
+trace's mean latency beside them.
 
 SmartSpec at each rate is warm-started from a profile of the runs before it (the fixed-k runs' step times and
 acceptance), as the paper profiles the batch latency offline, and keeps refitting as it runs. The pooled
@@ -99,6 +101,14 @@ def _policies(text: str) -> list[tuple[str, int | str | None]]:
         raise LmstackError("--policies must include nospec: every speedup is measured against it")
     return sorted(out.items(), key=lambda kv: (kv[1] is not None, kv[1] == "smart", kv[1] if isinstance(kv[1], int)
                                                                                      else 0))
+
+
+def turns(policies: list[tuple[str, int | str | None]], trace: int) -> list[tuple[str, int | str | None]]:
+    """The order the policies run in on a trace: no-spec first (the others' outputs are compared with it), the
+    rest forward on even traces and backward on odd ones. SmartSpec's warm start needs a fixed-k run before
+    it, which the first trace (even) always gives."""
+    base, rest = policies[:1], policies[1:]
+    return base + (rest if trace % 2 == 0 else rest[::-1])
 
 
 def _check(args: argparse.Namespace) -> list[tuple[str, int | str | None]]:
@@ -303,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for i, rate in enumerate(rates):
         for rep in range(args.repeats):
             offsets = poisson_offsets(len(prompts), rate, args.seed + 1 + i + 1009 * rep)
-            for name, spec_k in policies:
+            for name, spec_k in turns(policies, rep):
                 if (rate, name, rep) in done:
                     continue
                 engine.set_spec_k(spec_k)

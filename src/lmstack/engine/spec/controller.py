@@ -4,17 +4,19 @@ Speculation pays when proposals are often accepted and verifying k extra tokens 
 under load (the batch is already compute-bound) or with poor acceptance it costs more than it saves.
 SmartSpec weighs both every step: for each k in 0..K it predicts
 
-    goodput(k) = sum over requests of (1 - a^(k+1)) / (1 - a)   /   predicted step time(k)
+    goodput(k) = sum over requests of (1 + S(1) + ... + S(k))   /   predicted step time(k)
 
-where a is the request's acceptance rate, so the numerator is the expected number of tokens the request
-emits, and picks the best k (k = 0 is plain decoding: one token per request). Within that k, a request whose
-next proposal would earn less than the step's goodput (its n-th proposal emits a token with probability a^n,
-and costs the step's time per token) proposes fewer: under load, poorly accepted requests stop padding the
-batch while well accepted ones keep proposing K.
+where S(n) is the probability that the request's first n proposals are all accepted, so the numerator is
+the expected number of tokens the request emits, and picks the best k (k = 0 is plain decoding: one token
+per request). Within that k, a request whose next proposal would earn less than the step's goodput (its n-th
+proposal emits a token with probability S(n), and costs the step's time per token) proposes fewer: under
+load, poorly accepted requests stop padding the batch while well accepted ones keep proposing K.
 
-- Acceptance: an exponential moving average of accepted / tested proposal tokens, globally and per request
-  (a request's own average is shrunk toward the global one while it has few observations). A proposal of
-  k tokens of which a were accepted tested a + 1 tokens (a when all were accepted).
+- Acceptance (`acceptance.py`): S(n) is the product of per-position acceptance rates, estimated online
+  (discounted) per request and globally, conditioned on the request's previous verification. The paper's
+  single rate a (S(n) = a^n) is the special case of equal rates; n-gram proposals are far from it (their
+  first token is the gamble, the rest of a matched span is nearly always accepted), and a single rate made
+  SmartSpec cut proposals whose tail would have paid.
 - Step time: a linear model of measured step times on (batched tokens, KV tokens, draft forwards, draft
   tokens, mixed, mixed sequences), fitted by non-negative least squares on relative error from recent steps,
   kept per (k, batch size) so that rarely chosen k values are not forgotten, and refitted every few steps.
@@ -50,19 +52,11 @@ from typing import Any
 import numpy as np
 
 from lmstack.atomic import write_text_atomic
+from lmstack.engine.spec.acceptance import Acceptance, expected_tokens, merge_tables
 from lmstack.errors import LmstackError
 
 FEATURES = ("intercept", "batched_tokens", "kv_tokens", "draft_forwards", "draft_tokens", "mixed", "mixed_seqs")
 PROFILE_VERSION = 3
-
-
-def expected_tokens(alpha: float, k: int) -> float:
-    """Expected tokens one verification emits for k proposals accepted independently with probability alpha."""
-    if k <= 0:
-        return 1.0
-    if alpha >= 1.0 - 1e-9:
-        return float(k + 1)
-    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
 @dataclass
@@ -126,40 +120,6 @@ def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best / scale
 
 
-class Acceptance:
-    """Online acceptance rates: discounted sums of accepted and tested tokens, global and per request."""
-
-    def __init__(self, prior: float = 0.5, global_decay: float = 0.98, request_decay: float = 0.8,
-                 shrink: float = 2.0) -> None:
-        self.accepted, self.tested = prior * shrink, shrink
-        self.global_decay, self.request_decay, self.shrink = global_decay, request_decay, shrink
-        self.per_request: dict[Any, tuple[float, float]] = {}
-        self.total_proposed = self.total_accepted = self.total_tested = 0
-
-    @property
-    def rate(self) -> float:
-        return self.accepted / self.tested
-
-    def of(self, key: Any) -> float:
-        a, t = self.per_request.get(key, (0.0, 0.0))
-        return (a + self.shrink * self.rate) / (t + self.shrink)
-
-    def observe(self, key: Any, proposed: int, accepted: int) -> None:
-        if proposed <= 0:
-            return
-        tested = accepted + (accepted < proposed)
-        self.accepted = self.global_decay * self.accepted + accepted
-        self.tested = self.global_decay * self.tested + tested
-        a, t = self.per_request.get(key, (0.0, 0.0))
-        self.per_request[key] = (self.request_decay * a + accepted, self.request_decay * t + tested)
-        self.total_proposed += proposed
-        self.total_accepted += accepted
-        self.total_tested += tested
-
-    def forget(self, key: Any) -> None:
-        self.per_request.pop(key, None)
-
-
 def size_bucket(num_decodes: int) -> int:
     """Decode batch sizes grouped by powers of two: 0 (no decode), 1, 2-3, 4-7, 8-15, ..."""
     return num_decodes.bit_length()
@@ -179,7 +139,7 @@ class Controller:
     def __init__(self, max_k: int, draft_forwards: bool, window: int = 32) -> None:
         self.max_k = max_k
         self.draft_forwards = draft_forwards  # the proposer runs a model: k forwards of it per step
-        self.acceptance = Acceptance()
+        self.acceptance = Acceptance(max_k)
         self.samples: dict[tuple[int, int], deque[Sample]] = {}  # by (k, size bucket), the latest `window`
         self.window = window
         self.steps = 0
@@ -222,7 +182,8 @@ class Controller:
         a = self.acceptance
         rows = [[k, n, *f.tolist(), t] for (k, _), q in sorted(self.samples.items()) for n, f, t in q]
         return {"version": PROFILE_VERSION, "features": list(FEATURES), "acceptance": a.rate,
-                "accepted_tokens": a.total_accepted, "tested_tokens": a.total_tested, "samples": rows}
+                "accepted_tokens": a.total_accepted, "tested_tokens": a.total_tested,
+                "acceptance_table": a.to_profile(), "samples": rows}
 
     def load_profile(self, profile: dict[str, Any]) -> None:
         if profile.get("version") != PROFILE_VERSION or profile.get("features") != list(FEATURES):
@@ -232,8 +193,7 @@ class Controller:
             if int(k) <= self.max_k:
                 key = (int(k), size_bucket(int(n)))
                 self.samples.setdefault(key, deque(maxlen=self.window)).append((int(n), np.array(feats, float), t))
-        rate = float(profile.get("acceptance", 0.5))
-        self.acceptance.accepted = min(max(rate, 0.0), 1.0) * self.acceptance.tested
+        self.acceptance.load_profile(float(profile.get("acceptance", 0.5)), profile.get("acceptance_table"))
 
 
 class FixedK(Controller):
@@ -299,13 +259,13 @@ class SmartSpec(Controller):
         linear = max(float(features @ self.coef), 1e-9)
         return linear * self.correction.get(correction_group(k, num_decodes), 1.0)
 
-    def goodput(self, shape: StepShape, k: int | Seq[int], alphas: Seq[float] | None = None) -> float:
-        """Predicted tokens per second of the step at proposal length k (or per-request lengths); `alphas`
-        (one acceptance rate per decode request) default to the tracked ones."""
-        if alphas is None:
-            alphas = [self.acceptance.of(key) for key in shape.keys]
+    def goodput(self, shape: StepShape, k: int | Seq[int], survivals: Seq[np.ndarray] | None = None) -> float:
+        """Predicted tokens per second of the step at proposal length k (or per-request lengths); `survivals`
+        (per decode request, P(its first n proposals accepted) for n = 1..K) default to the tracked ones."""
+        if survivals is None:
+            survivals = [self.acceptance.survival(key) for key in shape.keys]
         lengths = [min(k, c) for c in shape.caps] if isinstance(k, int) else list(k)
-        tokens = shape.num_other_samples + sum(expected_tokens(a, n) for a, n in zip(alphas, lengths, strict=True))
+        tokens = shape.num_other_samples + sum(expected_tokens(s, n) for s, n in zip(survivals, lengths, strict=True))
         return tokens / self.predict(self.features(shape, lengths), max(lengths, default=0), len(shape.caps))
 
     def choose(self, shape: StepShape) -> int:
@@ -318,8 +278,8 @@ class SmartSpec(Controller):
         if self.coef is None:  # measuring: cycle through every k
             self._cycle += 1
             return [min(self._cycle % (self.max_k + 1), c) for c in shape.caps]
-        alphas = [self.acceptance.of(key) for key in shape.keys]
-        options = [self.trim(shape, k, alphas) for k in range(self.max_k + 1)]
+        survivals = [self.acceptance.survival(key) for key in shape.keys]
+        options = [self.trim(shape, k, survivals) for k in range(self.max_k + 1)]
         best = max(range(len(options)), key=lambda k: options[k][0])
         lengths = options[best][1]
         self._zero_streak = self._zero_streak + 1 if max(lengths) == 0 else 0
@@ -328,16 +288,16 @@ class SmartSpec(Controller):
             return [min(1, c) for c in shape.caps]
         return lengths
 
-    def trim(self, shape: StepShape, k: int, alphas: Seq[float]) -> tuple[float, list[int]]:
+    def trim(self, shape: StepShape, k: int, survivals: Seq[np.ndarray]) -> tuple[float, list[int]]:
         """Proposal length k, less the proposals that earn less than the step's goodput: (goodput, lengths).
 
-        A request's n-th proposed token emits one more token with probability alpha^n, and costs the step's
+        A request's n-th proposed token emits one more token with probability S(n), and costs the step's
         time per token; once a step speculates, a request whose acceptance is low adds tokens worth less than
         the time they add (a loaded batch) and proposes fewer. Dropping only proposals below the step's
         average rate raises that rate; the trimmed lengths are kept where the model agrees.
         """
         lengths = [min(k, c) for c in shape.caps]
-        score = self.goodput(shape, lengths, alphas)
+        score = self.goodput(shape, lengths, survivals)
         if k == 0:
             return score, lengths
         features = self.features(shape, lengths)
@@ -347,17 +307,17 @@ class SmartSpec(Controller):
             one[FEATURES.index("draft_tokens")] = 1.0
         per_token = self.predict(features, k, len(shape.caps)) - self.predict(features - one, k, len(shape.caps))
         trimmed = list(lengths)
-        for i, a in enumerate(alphas):
-            while trimmed[i] > 0 and a ** trimmed[i] < score * per_token:
+        for i, s in enumerate(survivals):
+            while trimmed[i] > 0 and s[trimmed[i] - 1] < score * per_token:
                 trimmed[i] -= 1
         if trimmed == lengths:
             return score, lengths
-        trimmed_score = self.goodput(shape, trimmed, alphas)
+        trimmed_score = self.goodput(shape, trimmed, survivals)
         return (trimmed_score, trimmed) if trimmed_score > score else (score, lengths)
 
     def _could_pay(self, shape: StepShape, plain: float) -> bool:
         """Whether some k > 0 would beat plain decoding if every proposal were accepted."""
-        perfect = [1.0] * len(shape.caps)
+        perfect = [np.ones(self.max_k)] * len(shape.caps)
         return any(self.goodput(shape, k, perfect) > plain for k in range(1, self.max_k + 1))
 
 
@@ -391,7 +351,8 @@ def merge_profiles(profiles: Seq[dict[str, Any]], **meta: Any) -> dict[str, Any]
     accepted = sum(p.get("accepted_tokens", 0) for p in profiles)
     return {"version": PROFILE_VERSION, "features": list(FEATURES), **meta,
             "acceptance": accepted / tested if tested else 0.5, "accepted_tokens": accepted,
-            "tested_tokens": tested, "samples": [row for p in profiles for row in p.get("samples", [])]}
+            "tested_tokens": tested, "acceptance_table": merge_tables([p.get("acceptance_table") for p in profiles]),
+            "samples": [row for p in profiles for row in p.get("samples", [])]}
 
 
 def save_profile(profile: dict[str, Any], path: str | Path) -> None:

@@ -1,0 +1,130 @@
+"""Online acceptance of proposed tokens, position by position: what SmartSpec expects a proposal to emit.
+
+A single acceptance rate alpha treats every proposed token as accepted independently, so k proposals emit
+(1 - alpha^(k+1)) / (1 - alpha) tokens. Proposers break that. An n-gram lookup that matched the start of a
+quoted span keeps matching while one that matched a common word fails at once: on the `quote` workload the
+first proposed token is accepted ~58% of the time, but the 2nd..5th ~80-95% of the time once the ones before
+were. One alpha then overprices the first proposal and underprices the tail, and a goodput maximizer trims
+long proposals that would have paid. So the chance that proposal j is accepted given 1..j-1 were (its hazard
+h_j) is estimated per position, and k proposals are expected to emit 1 + sum_{n<=k} prod_{j<=n} h_j tokens;
+independent acceptance (a typical draft model) is the special case of equal hazards.
+
+- A verification of k proposals of which a were accepted tested positions 1..min(a + 1, k) and accepted
+  1..a; positions past the first rejection are censored, not rejected.
+- Hazards are exponentially discounted counts, kept per request and globally per *state*: the request's
+  previous verification (none yet, all accepted, some rejected), since a request inside a quoted span tends
+  to stay there (first-token acceptance ~0.8 after a full acceptance, ~0.45 after a rejection).
+- Each estimate is shrunk toward the next coarser one (request -> state -> all positions of the state ->
+  overall rate -> prior), so sparse cells (a new request, a rarely reached position) borrow from dense ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+STATES = ("new", "hit", "miss")  # the request's previous verification: none, all accepted, some rejected
+NEW, HIT, MISS = range(len(STATES))
+
+
+def expected_tokens(survival: np.ndarray, n: int) -> float:
+    """Tokens one verification of n proposals emits on average; `survival[j]` is P(proposals 1..j+1 accepted)."""
+    return 1.0 + float(survival[:max(n, 0)].sum())
+
+
+class Acceptance:
+    """Discounted accepted / tested counts per (state, position), globally and per request (module docstring)."""
+
+    def __init__(self, max_k: int = 8, prior: float = 0.5, global_decay: float = 0.995, request_decay: float = 0.8,
+                 shrink: float = 8.0, request_shrink: float = 4.0) -> None:
+        self.max_k = max_k
+        self.prior, self.shrink, self.request_shrink = prior, shrink, request_shrink
+        self.global_decay, self.request_decay = global_decay, request_decay
+        self.accepted = np.zeros((len(STATES), max_k))
+        self.tested = np.zeros((len(STATES), max_k))
+        self.table = np.zeros((2, len(STATES), max_k))  # undiscounted [accepted, tested], for profiles
+        self.per_request: dict[Any, tuple[int, np.ndarray, np.ndarray]] = {}
+        self.total_proposed = self.total_accepted = self.total_tested = 0
+
+    @property
+    def rate(self) -> float:
+        """Accepted / tested tokens over every state and position (recent ones weigh most)."""
+        m = self.shrink
+        return (float(self.accepted.sum()) + self.prior * m) / (float(self.tested.sum()) + m)
+
+    def hazards(self, state: int) -> np.ndarray:
+        """Global P(proposal j accepted | 1..j-1 accepted) for requests in `state`, j = 1..max_k."""
+        m = self.shrink
+        a, t = self.accepted[state], self.tested[state]
+        pooled = (float(a.sum()) + m * self.rate) / (float(t.sum()) + m)
+        return (a + m * pooled) / (t + m)
+
+    def survival(self, key: Any) -> np.ndarray:
+        """P(proposals 1..j all accepted) for request `key`, j = 1..max_k: its own hazards shrunk to its state's."""
+        state, a, t = self.per_request.get(key, (NEW, None, None))
+        h = self.hazards(state)
+        if a is not None:
+            h = (a + self.request_shrink * h) / (t + self.request_shrink)
+        return np.cumprod(h)
+
+    def observe(self, key: Any, proposed: int, accepted: int) -> None:
+        """Request `key` proposed `proposed` tokens and the target accepted the first `accepted` of them."""
+        if proposed <= 0:
+            return
+        if not 0 <= accepted <= proposed <= self.max_k:
+            raise ValueError(f"need 0 <= accepted ({accepted}) <= proposed ({proposed}) <= max_k ({self.max_k})")
+        tested = min(accepted + 1, proposed)
+        state, a, t = self.per_request.get(key, (NEW, np.zeros(self.max_k), np.zeros(self.max_k)))
+        self.accepted *= self.global_decay
+        self.tested *= self.global_decay
+        for counts, row in ((self.accepted, accepted), (self.tested, tested)):
+            counts[state, :row] += 1.0
+        self.table[0, state, :accepted] += 1.0
+        self.table[1, state, :tested] += 1.0
+        a, t = a * self.request_decay, t * self.request_decay
+        a[:accepted] += 1.0
+        t[:tested] += 1.0
+        self.per_request[key] = (HIT if accepted == proposed else MISS, a, t)
+        self.total_proposed += proposed
+        self.total_accepted += accepted
+        self.total_tested += tested
+
+    def forget(self, key: Any) -> None:
+        self.per_request.pop(key, None)
+
+    def to_profile(self) -> dict[str, Any]:
+        """The undiscounted counts, for a profile (`load_profile` of a later run, `merge_tables`)."""
+        return {"states": list(STATES), "accepted": self.table[0].tolist(), "tested": self.table[1].tolist()}
+
+    def load_profile(self, rate: float, table: dict[str, Any] | None) -> None:
+        """Warm start: `rate` becomes the prior, and a profile's counts (see `to_profile`) count as recent
+        history of at most one discount window, so this run's own observations soon outweigh them."""
+        self.prior = min(max(rate, 0.0), 1.0)
+        if not table or table.get("states") != list(STATES):
+            return
+        accepted, tested = (_fit_width(np.array(table[name], dtype=np.float64), self.max_k)
+                            for name in ("accepted", "tested"))
+        total = float(tested.sum())
+        if total > 0:
+            scale = min(1.0, 1.0 / (1.0 - self.global_decay) / total)
+            self.accepted, self.tested = accepted * scale, tested * scale
+
+
+def _fit_width(counts: np.ndarray, width: int) -> np.ndarray:
+    """[states, positions] counts cut or zero-padded to `width` positions."""
+    out = np.zeros((len(STATES), width))
+    n = min(width, counts.shape[1]) if counts.ndim == 2 else 0
+    out[:, :n] = counts[:, :n]
+    return out
+
+
+def merge_tables(tables: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Several profiles' counts (of any widths) summed; None when none has them."""
+    tables = [t for t in tables if t and t.get("states") == list(STATES)]
+    if not tables:
+        return None
+    width = max(len(t["tested"][0]) for t in tables)
+    accepted = sum(_fit_width(np.array(t["accepted"], dtype=np.float64), width) for t in tables)
+    tested = sum(_fit_width(np.array(t["tested"], dtype=np.float64), width) for t in tables)
+    return {"states": list(STATES), "accepted": accepted.tolist(), "tested": tested.tolist()}

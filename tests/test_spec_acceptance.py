@@ -1,0 +1,105 @@
+"""SmartSpec's acceptance model: per-position hazards, conditioned on the previous verification, and what the
+controller does with them (long proposals whose tail pays are not cut back)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmstack.engine.spec.acceptance import HIT, MISS, NEW, Acceptance, expected_tokens, merge_tables
+from lmstack.engine.spec.controller import make_controller, merge_profiles
+from test_spec import _measured, _shape
+
+# An n-gram-like proposer: the first token is the gamble; once it is accepted, the span nearly always continues.
+SPAN = np.array([0.4, 0.95, 0.95, 0.95, 0.95])
+
+
+def _verify(rng: np.random.Generator, hazards: np.ndarray, k: int = 5) -> int:
+    """Accepted tokens of k proposals, the j-th accepted with probability hazards[j] once 1..j-1 were."""
+    draws = rng.random(k) < hazards[:k]
+    return k if draws.all() else int(np.argmin(draws))
+
+
+def _feed(observe, hazards: np.ndarray, keys: int, rounds: int = 100, seed: int = 5) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        for key in range(keys):
+            observe(key, 5, _verify(rng, hazards))
+
+
+def test_hazards_by_position_recover_a_planted_span_process() -> None:
+    """The chance of the whole proposal is 0.4 * 0.95^4, not (pooled rate)^5: one rate (0.8 here) would
+    overprice the first token and underprice the last one."""
+    acc = Acceptance(5)
+    _feed(acc.observe, SPAN, keys=8)
+    survival = np.mean([acc.survival(key) for key in range(8)], axis=0)
+    assert survival == pytest.approx(np.cumprod(SPAN), abs=0.07)
+    pooled = acc.total_accepted / acc.total_tested
+    assert pooled > 0.7 and pooled ** 5 < 0.7 * np.prod(SPAN) and pooled > 1.5 * SPAN[0]
+    assert expected_tokens(survival, 5) == pytest.approx(1 + np.cumprod(SPAN).sum(), rel=0.08)
+
+
+def test_hazards_are_conditioned_on_the_previous_verification() -> None:
+    """A request that was inside a span (its last proposal fully accepted) is likely still in it."""
+    acc = Acceptance(5)
+    rng = np.random.default_rng(0)
+    last = dict.fromkeys(range(8), False)
+    for _ in range(150):
+        for key in range(8):
+            first = 0.9 if last[key] else 0.2
+            accepted = _verify(rng, np.array([first, 0.9, 0.9, 0.9, 0.9]))
+            acc.observe(key, 5, accepted)
+            last[key] = accepted == 5
+    assert acc.hazards(HIT)[0] == pytest.approx(0.9, abs=0.08)
+    assert acc.hazards(MISS)[0] == pytest.approx(0.2, abs=0.08)
+    assert acc.hazards(NEW)[0] == pytest.approx(acc.rate, abs=0.15)  # never seen: the overall rate
+    acc.observe("in", 5, 5)
+    acc.observe("out", 5, 0)
+    assert acc.survival("in")[0] > 2 * acc.survival("out")[0]
+
+
+def test_smartspec_keeps_long_proposals_whose_tail_pays() -> None:
+    """Every proposed token costs 1.5 ms on an 8-request batch; with SPAN acceptance K = 5 has the best goodput.
+    A geometric model with the pooled rate undervalues the 4th and 5th tokens and settles for a shorter k."""
+    ctl = _measured(lambda b, k: 0.04 + 0.004 * b + 0.0015 * b * k + (0.002 * b if k else 0.0))
+    _feed(ctl.observe_acceptance, SPAN, keys=8)
+    true = [np.cumprod(SPAN)] * 8
+    best = max(range(6), key=lambda k: ctl.goodput(_shape(8), k, true))
+    assert best == 5
+    lengths = ctl.plan(_shape(8))
+    assert sorted(lengths)[1:] == [5] * 7  # a request that just missed twice may be trimmed
+    assert ctl.goodput(_shape(8), lengths, true) > 0.97 * ctl.goodput(_shape(8), 5, true)
+    pooled = ctl.acceptance.total_accepted / ctl.acceptance.total_tested
+    geometric = [pooled ** np.arange(1, 6)] * 8
+    old = max((ctl.trim(_shape(8), k, geometric) for k in range(6)), key=lambda o: o[0])[1]
+    assert max(old) < 5 and ctl.goodput(_shape(8), old, true) < ctl.goodput(_shape(8), lengths, true)
+
+
+def test_smartspec_still_declines_speculation_that_does_not_pay() -> None:
+    """The same spans at a cost of 5 ms per proposed token: plain decoding wins."""
+    ctl = _measured(lambda b, k: 0.04 + 0.004 * b + 0.005 * b * k + (0.002 * b if k else 0.0))
+    _feed(ctl.observe_acceptance, SPAN, keys=8)
+    assert ctl.plan(_shape(8)) == [0] * 8
+
+
+def test_acceptance_counts_travel_in_profiles() -> None:
+    """A fixed k = 1 run only tests position 1 and a k = 5 run all five: merged, they warm-start a SmartSpec
+    whose hazards match what was observed, weighted as one discount window so its own steps soon dominate."""
+    short, long = make_controller(1, 1, False), make_controller(5, 5, False)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        short.observe_acceptance(0, 1, _verify(rng, SPAN, 1))
+    _feed(long.observe_acceptance, SPAN, keys=8)
+    merged = merge_profiles([short.profile(), long.profile()])
+    assert merge_tables([short.profile()["acceptance_table"], long.profile()["acceptance_table"]]) \
+        == merged["acceptance_table"]
+    assert len(merged["acceptance_table"]["tested"][0]) == 5
+    warm = make_controller("smart", 5, False)
+    warm.load_profile(merged)
+    assert warm.acceptance.tested.sum() == pytest.approx(1 / (1 - warm.acceptance.global_decay))
+    for state in (HIT, MISS):
+        assert warm.acceptance.hazards(state) == pytest.approx(long.acceptance.hazards(state), abs=0.1)
+    old = dict(merged, acceptance_table=None)  # a profile written before the table existed: the rate alone
+    warm = make_controller("smart", 5, False)
+    warm.load_profile(old)
+    assert warm.acceptance.survival("new")[0] == pytest.approx(merged["acceptance"])
