@@ -7,7 +7,8 @@
 #         seconds; a rerun on the still-warm machine resumes where it stopped. Writes $OUT/labels.jsonl.gz.
 #  train  full fine-tuning of MiniLM with ListMLE (a learning-rate sweep chosen by validation tau), the 10-bucket
 #         classifier baselines on the same encoder, tau of all of them on the held-out prompts ($OUT/ltr_rank.json,
-#         the fp16 ranker as $OUT/ranker.tar.part*: cat them, untar: the folder `ranker`). Data: the labels of
+#         the fp16 ranker as $OUT/ranker.tar.part*: cat them, untar: the folder `ranker`), then its cost per batch
+#         eager vs CUDA graphs ($OUT/ltr_ranker_speed.json, `lmstack bench ranker`). Data: the labels of
 #         the label step, else DATA (default .carry/ltr/labels.jsonl.gz when prepared with LABELS=results, else
 #         .carry/ltr/sharegpt.jsonl.gz: lengths of ShareGPT's own answers). With ENCODER=NAME (as given to
 #         `ENCODER=NAME benchmarks/prepare_ltr_carry.sh`, e.g. smollm2-135m-instruct) the backbone is that
@@ -67,7 +68,8 @@ train() {  # NAME, then extra `lmstack ltr train` options; skipped when an earli
 }
 train_and_eval() {
   local best_lr="" best_tau=-2 lr tau
-  [ "$DEVICE" = cuda ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_encoder.py tests/test_ranking.py tests/test_ranking_decoder.py | tail -2
+  [ "$DEVICE" = cuda ] && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_encoder.py tests/test_ranking.py tests/test_ranking_decoder.py \
+    tests/test_ranking_graphed.py tests/test_policies.py | tail -2
   for lr in $LRS; do
     train "listmle-$lr" --lr "$lr"
     tau=$(python3 -c "import json; print(json.load(open('$WORK/listmle-$lr/ranker.json'))['info']['training']['best_val_tau'])")
@@ -87,6 +89,8 @@ LengthRanker.load(sys.argv[1]).save(sys.argv[2], dtype=torch.float16)" "$WORK/li
   python3 -m lmstack.cli ltr eval --data "$DATA" --ranker "$WORK/ranker" --device "$DEVICE" "${clf[@]}" \
     --label "$ENC_LABEL fully fine-tuned on $DEVICE (ListMLE, lists of ${LIST_SIZE:-32}, lr $best_lr by val tau, max length ${MAXLEN:-512}, ${EPOCHS:-4} epochs)" \
     --output "$OUT/ltr_rank.json" 2>&1 | tr "\r" "\n" | grep -v -E "^(scoring|timing)" | tail -24
+  python3 -m lmstack.bench.ranker_speed --ranker "$WORK/ranker" --data "$DATA" --device "$DEVICE" \
+    --output "$OUT/ltr_ranker_speed.json" 2>&1 | tail -7
   rm -f "$WORK"/ranker.tar.part*
   tar -C "$WORK" -cf - ranker | split -b 15m - "$WORK/ranker.tar.part"
   local parts=("$WORK"/ranker.tar.part*)

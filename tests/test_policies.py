@@ -28,16 +28,41 @@ from lmstack.errors import LmstackError
 class TableScorer:
     """A deterministic ranker: the score is looked up by prompt (the policy, not the predictor, is tested)."""
 
-    def __init__(self, scores: dict[str, float], gate: threading.Event | None = None) -> None:
+    def __init__(self, scores: dict[str, float]) -> None:
         self.scores = scores
-        self.gate = gate
         self.calls: list[list[str]] = []
 
     def score(self, prompts: list[str]) -> list[float]:
-        if self.gate is not None:
-            self.gate.wait(10)
         self.calls.append(list(prompts))
         return [self.scores[p] for p in prompts]
+
+
+class GatedPending:
+    """Scores that land when the test opens the gate, as a GPU ranker's land when its graph has run."""
+
+    def __init__(self, index: list[int], scores: list[float], gate: threading.Event) -> None:
+        self.index, self.scores, self.gate, self.gpu_s = index, scores, gate, 0.0
+
+    def done(self) -> bool:
+        return self.gate.is_set()
+
+    def result(self) -> list[float]:
+        assert self.gate.wait(10), "result() waited for a gate nobody opens"
+        self.gpu_s = 0.001
+        return self.scores
+
+
+class AsyncTableScorer(TableScorer):
+    """`launch` queues the work and returns at once (the `BucketedScorer` interface), in batches of 4."""
+
+    def __init__(self, scores: dict[str, float], gate: threading.Event) -> None:
+        super().__init__(scores)
+        self.gate = gate
+
+    def launch(self, prompts: list[str]) -> list[GatedPending]:
+        self.calls.append(list(prompts))
+        return [GatedPending(list(range(s, min(s + 4, len(prompts)))), [self.scores[p] for p in prompts[s : s + 4]],
+                             self.gate) for s in range(0, len(prompts), 4)]
 
 
 def _seq(i: int, output_len: int, prompt_len: int = 4, prompt: str | None = None) -> Sequence:
@@ -74,14 +99,13 @@ def _drain(sched: Scheduler, max_steps: int = 10_000) -> list[str]:
 
 
 def _wait_scored(policy: LearnedRankPolicy, n: int) -> None:
-    deadline = time.monotonic() + 10
-    while policy.stats.num_scored + policy.stats.num_failed < n:
-        assert time.monotonic() < deadline, "the background scorer did not score the requests"
-        time.sleep(0.001)
+    """Score what has arrived, as the start of the next step would (so that a test can add more first)."""
+    policy.scorer.poll()
+    assert policy.stats.num_scored + policy.stats.num_failed == n
 
 
 def _ltr(scores: dict[str, float], **options: object) -> LearnedRankPolicy:
-    return LearnedRankPolicy(ranker=TableScorer(scores), device="cpu", threaded=True, **options)
+    return LearnedRankPolicy(ranker=TableScorer(scores), device="cpu", **options)
 
 
 # ----- oracle-sjf -----
@@ -132,23 +156,37 @@ def test_ltr_orders_waiting_and_running_by_score() -> None:
 
 
 def test_ltr_scores_once_in_batches_off_the_step() -> None:
-    """Requests wait (unadmitted) for their score; the step itself never blocks on the ranker."""
+    """With a launching scorer (a GPU ranker) requests wait, unadmitted, for their scores, and no step waits for
+    them: each step only collects what has landed; an idle engine waits once, then admits."""
     gate = threading.Event()
-    scorer = TableScorer({f"p{i}": float(i) for i in range(6)}, gate=gate)
-    policy = LearnedRankPolicy(ranker=scorer, device="cpu", batch_size=8, threaded=True)
+    scorer = AsyncTableScorer({f"p{i}": float(5 - i) for i in range(6)}, gate)
+    policy = LearnedRankPolicy(ranker=scorer, device="cpu", batch_size=8)
     sched = _sched(policy, max_num_seqs=8)
     sched.add([_seq(i, 2) for i in range(6)])
     start = time.perf_counter()
     for _ in range(3):
-        assert not _step(sched).chunks  # nothing is admissible before the scores land
-    assert time.perf_counter() - start < 0.5  # an idle step waits milliseconds, not for the ranker
+        policy.scorer.poll()  # a busy step: launch or collect, never wait
+        assert not any(policy.ready(s) for s in sched.waiting)
+    assert time.perf_counter() - start < 0.5
+    assert scorer.calls == [[f"p{i}" for i in range(6)]]  # launched once, at the first step, in one batch
     gate.set()
-    _wait_scored(policy, 6)
-    assert [len(c) for c in scorer.calls] == [6]  # one batch for everything that arrived together
+    out = _step(sched)  # the scores have landed: collected and admitted in this step, best ranked first
+    assert [c.seq.request_id for c in out.chunks] == ["5", "4", "3", "2", "1", "0"]
     assert _drain(sched) and not sched.has_unfinished
     assert len(scorer.calls) == 1  # preempted or not, nobody is scored twice
-    assert policy.stats.num_scored == 6 and policy.stats.busy_s > 0
+    assert policy.stats.num_scored == 6 and policy.stats.gpu_s == pytest.approx(0.002)
     policy.close()
+
+
+def test_ltr_idle_engine_waits_for_scores_in_flight() -> None:
+    gate = threading.Event()
+    policy = LearnedRankPolicy(ranker=AsyncTableScorer({"p0": 1.0}, gate), device="cpu")
+    sched = _sched(policy, max_num_seqs=2)
+    sched.add([_seq(0, 2)])
+    threading.Timer(0.05, gate.set).start()
+    assert not _step(sched).chunks  # nothing admissible: the idle step waits until the scores land
+    assert gate.is_set() and policy.stats.num_scored == 1
+    assert [c.seq.request_id for c in _step(sched).chunks] == ["0"]
 
 
 def test_ltr_preempts_the_lowest_ranked_under_memory_pressure() -> None:
@@ -210,10 +248,8 @@ def test_ltr_once_starved_request_keeps_its_slot() -> None:
 
 
 def test_ltr_on_cpu_scores_arrivals_inline_at_the_next_step() -> None:
-    # No scorer thread on a CPU ranker: a second thread running torch slows every OpenMP region of the engine.
     scorer = TableScorer({"p0": 5.0, "p1": 1.0, "p2": 3.0})
     policy = LearnedRankPolicy(ranker=scorer, device="cpu", batch_size=8)
-    assert policy.scorer._thread is None
     sched = _sched(policy, max_num_seqs=1)
     sched.add([_seq(0, 2), _seq(1, 2), _seq(2, 2)])
     assert scorer.calls == []  # nothing scored on arrival
@@ -429,7 +465,7 @@ def test_ltr_with_a_real_length_ranker(tmp_path) -> None:
                TrainConfig(epochs=5, list_size=16, lr=1e-3, head_lr=3e-3))
     ranker.save(tmp_path / "ranker")
 
-    policy = make_policy("ltr", ranker=str(tmp_path / "ranker"), device="cpu", threaded=True)
+    policy = make_policy("ltr", ranker=str(tmp_path / "ranker"), device="cpu")
     sched = _sched(policy, max_num_seqs=1)
     seqs = [_seq(i, 2, prompt=example(1000 + i).prompt) for i in range(9)]  # styles long, short, ... interleaved
     sched.add(seqs)

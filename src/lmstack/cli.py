@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from lmstack.errors import LmstackError
 
@@ -60,52 +62,32 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_throughput(args: argparse.Namespace) -> int:
-    from lmstack.bench.throughput import run
-
-    run(args)
-    return 0
-
-
 def _serve(args: argparse.Namespace) -> int:
     from lmstack.server.cli import run
 
     return run(args)
 
 
-def _bench_serve(args: argparse.Namespace) -> int:
-    from lmstack.bench.serve import run
-
-    run(args)
-    return 0
-
-
-def _bench_overhead(args: argparse.Namespace) -> int:
-    from lmstack.bench.overhead import run
-
-    run(args)
-    return 0
-
-
-def _bench_double_sparsity_speed(args: argparse.Namespace) -> int:
-    from lmstack.bench.double_sparsity_speed import run
-
-    run(args)
-    return 0
+# `lmstack bench NAME`: (NAME, module under lmstack.bench with add_arguments and run, help)
+BENCHES = (
+    ("throughput", "throughput", "offline throughput on ShareGPT vs the transformers baseline"),
+    ("serve", "serve", "online serving benchmark against an OpenAI-compatible URL"),
+    ("overhead", "overhead", "streaming throughput through the HTTP server vs in-process"),
+    ("policies", "policies", "scheduling policies (fcfs, mlfq, ltr, oracle-sjf) on replayed ShareGPT"),
+    ("ranker", "ranker_speed", "the ltr ranker's cost per batch: eager fp32 vs CUDA graphs, and its tau"),
+    ("smartspec", "smartspec", "speculative decoding: no-spec, fixed k and SmartSpec across rates"),
+    ("double-sparsity-quality", "double_sparsity_quality",
+     "Double Sparsity vs dense: wikitext-2 perplexity, retrieval"),
+    ("double-sparsity-speed", "double_sparsity_speed", "Double Sparsity on a GPU: attention op, end to end, offload"),
+)
 
 
-def _bench_policies(args: argparse.Namespace) -> int:
-    from lmstack.bench.policies import run
+def _exit_zero(run: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
+    def func(args: argparse.Namespace) -> int:
+        run(args)
+        return 0
 
-    run(args)
-    return 0
-
-
-def _bench_smartspec(args: argparse.Namespace) -> int:
-    from lmstack.bench.smartspec import run
-
-    run(args)
-    return 0
+    return func
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,31 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    bt = bench.add_parser("throughput", help="offline throughput on ShareGPT vs the transformers baseline")
-    from lmstack.bench.throughput import add_arguments
-
-    add_arguments(bt)
-    bt.set_defaults(func=_bench_throughput)
-    from lmstack.bench.serve import add_arguments as add_bench_serve_arguments
-
-    bs = bench.add_parser("serve", help="online serving benchmark against an OpenAI-compatible URL")
-    add_bench_serve_arguments(bs)
-    bs.set_defaults(func=_bench_serve)
-    from lmstack.bench.overhead import add_arguments as add_overhead_arguments
-
-    bo = bench.add_parser("overhead", help="streaming throughput through the HTTP server vs in-process")
-    add_overhead_arguments(bo)
-    bo.set_defaults(func=_bench_overhead)
-    from lmstack.bench.policies import add_arguments as add_policies_arguments
-
-    bp = bench.add_parser("policies", help="scheduling policies (fcfs, mlfq, ltr, oracle-sjf) on replayed ShareGPT")
-    add_policies_arguments(bp)
-    bp.set_defaults(func=_bench_policies)
-    from lmstack.bench.smartspec import add_arguments as add_smartspec_arguments
-
-    bss = bench.add_parser("smartspec", help="speculative decoding: no-spec, fixed k and SmartSpec across rates")
-    add_smartspec_arguments(bss)
-    bss.set_defaults(func=_bench_smartspec)
+    for name, module, help_text in BENCHES:
+        mod = importlib.import_module(f"lmstack.bench.{module}")
+        parser = bench.add_parser(name, help=help_text)
+        mod.add_arguments(parser)
+        parser.set_defaults(func=_exit_zero(mod.run))
     from lmstack.evals.arena_hard.cli import add_arguments as add_arena_hard_arguments
     from lmstack.evals.arena_hard.cli import run as run_arena_hard
 
@@ -182,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     lt = sub.add_parser("ltr", help="learning-to-rank output lengths: build-data, train, eval")
     add_ltr_arguments(lt)
     lt.set_defaults(func=run_ltr)
-    from lmstack.bench import double_sparsity_quality
     from lmstack.engine.attention import calibrate as ds_calibrate
 
     sparsity = sub.add_parser("sparsity", help="Double Sparsity tools").add_subparsers(dest="sparsity_command",
@@ -190,14 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sparsity.add_parser("calibrate", help="rank each KV head's channels by mean |q_c k_c|; write channels.json")
     ds_calibrate.add_arguments(sc)
     sc.set_defaults(func=ds_calibrate.run)
-    bq = bench.add_parser("double-sparsity-quality", help="Double Sparsity vs dense: wikitext-2 perplexity, retrieval")
-    double_sparsity_quality.add_arguments(bq)
-    bq.set_defaults(func=double_sparsity_quality.run)
-    from lmstack.bench import double_sparsity_speed
-
-    bd = bench.add_parser("double-sparsity-speed", help="Double Sparsity on a GPU: attention op, end to end, offload")
-    double_sparsity_speed.add_arguments(bd)
-    bd.set_defaults(func=_bench_double_sparsity_speed)
     return p
 
 

@@ -305,11 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run(parser.parse_args())
-
-
 if __name__ == "__main__":
-    main()
+    from lmstack.bench import module_main
+
+    module_main("lmstack.bench.double_sparsity_speed", __doc__, add_arguments, run)

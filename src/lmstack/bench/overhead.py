@@ -283,9 +283,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m lmstack.bench.overhead", description=__doc__)
-    add_arguments(_parser)
-    try:
-        run(_parser.parse_args())
-    except LmstackError as e:
-        _parser.exit(2, f"error: {e}\n")
+    from lmstack.bench import module_main
+
+    module_main("lmstack.bench.overhead", __doc__, add_arguments, run)

@@ -168,7 +168,7 @@ class _Runner:
             self.ranker = load_ranker(args.ranker, self.ranker_device)
 
     def warm_up(self, requests: list[ReplayRequest]) -> None:
-        """Compile/capture paths and the ranker's kernels before anything is timed."""
+        """Compile/capture paths and the ranker's kernels (or CUDA graphs) before anything is timed."""
         warm = [ReplayRequest(r.prompt, r.prompt_token_ids, min(r.output_len, 8)) for r in requests[:_WARMUP_REQUESTS]]
         replay(self.llm.engine, make_policy("fcfs"), warm, [0.0] * len(warm), "warmup", self.args.max_num_seqs)
         if self.ranker is not None:
@@ -196,7 +196,7 @@ class _Runner:
         stats = getattr(policy, "stats", None)
         if stats is not None:
             metrics.update(ranker_scored=stats.num_scored, ranker_failed=stats.num_failed,
-                           ranker_batches=stats.num_batches, ranker_busy_s=stats.busy_s,
+                           ranker_batches=stats.num_batches, ranker_busy_s=stats.busy_s, ranker_gpu_s=stats.gpu_s,
                            ranker_ms_per_request=1e3 * stats.busy_s / max(stats.num_scored, 1),
                            ranker_share_of_step_time=stats.busy_s / max(result.step_s, 1e-9))
         record = {"config": self.config, "scenario": scenario, "rate": rate, "policy": policy_name,
@@ -323,9 +323,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m lmstack.bench.policies", description=__doc__)
-    add_arguments(_parser)
-    try:
-        run(_parser.parse_args())
-    except LmstackError as e:
-        _parser.exit(2, f"error: {e}\n")
+    from lmstack.bench import module_main
+
+    module_main("lmstack.bench.policies", __doc__, add_arguments, run)

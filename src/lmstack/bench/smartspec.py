@@ -369,9 +369,6 @@ def _print(metrics: dict[str, Any], output: Path) -> None:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m lmstack.bench.smartspec", description=__doc__)
-    add_arguments(_parser)
-    try:
-        run(_parser.parse_args())
-    except LmstackError as e:
-        _parser.exit(2, f"error: {e}\n")
+    from lmstack.bench import module_main
+
+    module_main("lmstack.bench.smartspec", __doc__, add_arguments, run)

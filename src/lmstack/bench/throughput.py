@@ -355,9 +355,6 @@ def _print_table(metrics: dict[str, Any], output: Path) -> None:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m lmstack.bench.throughput", description=__doc__)
-    add_arguments(_parser)
-    try:
-        run(_parser.parse_args())
-    except LmstackError as e:
-        _parser.exit(2, f"error: {e}\n")
+    from lmstack.bench import module_main
+
+    module_main("lmstack.bench.throughput", __doc__, add_arguments, run)

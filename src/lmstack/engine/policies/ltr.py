@@ -2,13 +2,13 @@
 
 Exact output lengths cannot be predicted, but their order can, and ordering by a learned rank approximates
 shortest-job-first, which cuts head-of-line blocking. Each request is scored once, when it arrives, by a
-`LengthRanker` (higher score = longer predicted output), whatever has arrived scored in one batch. On a GPU
-that runs in a background thread on its own CUDA stream, so the engine step never waits for the predictor: a
-request with no score yet simply stays in the queue until its score lands (only an otherwise idle engine waits
-for it, briefly). On a CPU there is no idle hardware to hide it on, and a second thread running torch makes
-every OpenMP parallel region of the engine slower (measured: +75% step time on 2 cores, as OpenMP stops
-spinning once it has more threads than cores), so there the arrivals are scored at the start of the next
-scheduling step, on the engine thread.
+`LengthRanker` (higher score = longer predicted output), whatever has arrived scored in one batch at the start of
+the next scheduling step, on the engine's thread. On a GPU the ranker's forward is a CUDA graph per (batch,
+length) bucket (`ranking.graphed.BucketedScorer`): the step only queues it on the engine's stream and collects
+the scores at a later step, so the step never waits for the predictor; a request with no score yet simply stays
+in the queue until its score lands (only an otherwise idle engine waits for it). A second thread is no way to
+hide the predictor: on a GPU it fights the engine loop for the GIL (measured: 16 ms a request, 30-50% of the
+step time), on a CPU it slows every OpenMP region of the engine (+75% step time on 2 cores).
 
 Waiting and running requests are ordered by score; the batch is kept to the best-ranked requests (a new short
 request takes the slot of the longest-ranked running one, which is recomputed later), and under memory
@@ -20,10 +20,8 @@ better-ranked newcomer (only under memory pressure), so promotions cannot cascad
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -38,7 +36,6 @@ from lmstack.errors import LmstackError
 
 log = logging.getLogger(__name__)
 
-_IDLE_WAIT_S = 0.005  # an idle engine re-checks for fresh scores (and new requests) this often
 _PRUNE_EVERY = 256  # steps between sweeps that forget finished requests
 
 # Sort tiers: boosted first, then ranked by score, then requests the ranker could not score (FCFS among
@@ -52,6 +49,17 @@ class Scorer(Protocol):
     def score(self, prompts: list[str]) -> list[float]: ...
 
 
+class Pending(Protocol):
+    """Scores being computed: `index` = positions in the launched prompts; `gpu_s` is set by `result`."""
+
+    index: list[int]
+    gpu_s: float
+
+    def done(self) -> bool: ...
+
+    def result(self) -> list[float]: ...
+
+
 @dataclass
 class _State:
     tier: int = _PENDING
@@ -63,110 +71,118 @@ class _State:
 
 @dataclass
 class ScorerStats:
-    """What scoring cost, for the "< 2% of step time" budget: wall time inside `ranker.score` calls."""
+    """What scoring cost, for the "< 2% of step time" budget: the engine thread's time in the ranker plus the
+    ranker's GPU time (`busy_s`, an upper bound on what it adds to the steps)."""
 
     num_scored: int = 0
     num_failed: int = 0
     num_batches: int = 0
     busy_s: float = 0.0
+    gpu_s: float = 0.0
 
 
 class BatchScorer:
-    """Scores queued prompts in batches: on its own thread (`threaded`), or when `score_pending` is called."""
+    """Scores queued prompts in batches when `poll` is called: inline with a plain `Scorer`, or launched without
+    waiting when the scorer has `launch(prompts) -> [Pending]` (a `BucketedScorer` on CUDA), then collected."""
 
-    def __init__(self, scorer: Scorer, batch_size: int, device: str, threaded: bool) -> None:
+    def __init__(self, scorer: Scorer, batch_size: int) -> None:
         self.scorer = scorer
         self.batch_size = batch_size
-        self.device = device
         self.stats = ScorerStats()
-        self._cond = threading.Condition()
         self._queue: deque[tuple[Sequence, _State]] = deque()
-        self._in_flight = 0  # prompts taken off the queue and being scored
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        if threaded:
-            self._thread = threading.Thread(target=self._run, name="lmstack-ltr-scorer", daemon=True)
-            self._thread.start()
+        self._in_flight: list[tuple[Pending, list[tuple[Sequence, _State]]]] = []
 
     def submit(self, items: list[tuple[Sequence, _State]]) -> None:
-        with self._cond:
-            self._queue.extend(items)
-            self._cond.notify_all()
+        self._queue.extend(items)
 
-    def score_pending(self) -> None:
-        """Inline mode: score everything queued now, in batches; a no-op when a thread does the scoring."""
-        while self._thread is None and self._queue:
-            self._score([self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))], None)
-
-    def wait(self, timeout: float) -> None:
-        """Block until the batch being scored lands (at most `timeout` s); return at once when nothing is."""
-        if self._thread is None:
-            return
-        with self._cond:
-            if self._queue or self._in_flight:
-                self._cond.wait(timeout)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        # On CUDA the ranker runs on its own stream, so its kernels overlap the engine's instead of queueing.
-        stream = torch.cuda.Stream(device=self.device) if self.device.startswith("cuda") else None
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-                self._in_flight = len(batch)
-            self._score(batch, stream)
-            with self._cond:
-                self._in_flight = 0
-                self._cond.notify_all()
-
-    def _score(self, batch: list[tuple[Sequence, _State]], stream: torch.cuda.Stream | None) -> None:
-        texts = [seq.prompt for seq, _ in batch if seq.prompt]
+    def poll(self) -> None:
+        """Score (or launch) everything queued, then collect the scores that have landed."""
         start = time.perf_counter()
-        scores: list[float] = []
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+            self._score(batch)
+        self._collect(wait=False)
+        self.stats.busy_s += time.perf_counter() - start
+
+    def wait(self) -> None:
+        """An idle engine: wait for the scores in flight (the GPU has nothing else to do)."""
+        start = time.perf_counter()
+        self._collect(wait=True)
+        self.stats.busy_s += time.perf_counter() - start
+
+    def _score(self, batch: list[tuple[Sequence, _State]]) -> None:
+        items = [(seq, state) for seq, state in batch if seq.prompt]
+        for _, state in (x for x in batch if not x[0].prompt):
+            self._assign_failed([(None, state)])
+        if not items:
+            return
+        texts = [seq.prompt for seq, _ in items]
+        launch = getattr(self.scorer, "launch", None)
         try:
-            if texts:
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    scores = [float(s) for s in self.scorer.score(texts)]
-                if len(scores) != len(texts) or not all(math.isfinite(s) for s in scores):
-                    raise ValueError(f"the ranker returned {len(scores)} scores (finite: "
-                                     f"{all(math.isfinite(s) for s in scores)}) for {len(texts)} prompts")
+            if launch is not None:
+                for pending in launch(texts):
+                    self._in_flight.append((pending, [items[i] for i in pending.index]))
+                self.stats.num_batches += 1
+                return
+            scores = [float(s) for s in self.scorer.score(texts)]
         except Exception:
             log.exception("the ranker failed on %d prompts; they are served after the ranked ones", len(texts))
-            scores = []
-        self.stats.busy_s += time.perf_counter() - start
+            self._assign_failed(items)
+            return
         self.stats.num_batches += 1
-        it = iter(scores)
-        for seq, state in batch:
-            score = next(it, None) if seq.prompt else None
-            if score is None:
-                state.tier = _UNRANKABLE
-                self.stats.num_failed += 1
-            else:
-                seq.score = state.score = score
-                state.tier = _RANKED
-                self.stats.num_scored += 1
+        self._assign(items, scores)
+
+    def _collect(self, wait: bool) -> None:
+        keep = []
+        for pending, items in self._in_flight:
+            if not wait and not pending.done():
+                keep.append((pending, items))
+                continue
+            try:
+                scores = [float(s) for s in pending.result()]
+            except Exception:
+                log.exception("the ranker failed on %d prompts; they are served after the ranked ones", len(items))
+                self._assign_failed(items)
+                continue
+            self.stats.gpu_s += pending.gpu_s
+            self.stats.busy_s += pending.gpu_s
+            self._assign(items, scores)
+        self._in_flight = keep
+
+    def _assign(self, items: list[tuple[Sequence, _State]], scores: list[float]) -> None:
+        if len(scores) != len(items) or not all(math.isfinite(s) for s in scores):
+            log.error("the ranker returned %d scores (finite: %s) for %d prompts; they are served after the "
+                      "ranked ones", len(scores), all(math.isfinite(s) for s in scores), len(items))
+            self._assign_failed(items)
+            return
+        for (seq, state), score in zip(items, scores, strict=True):
+            seq.score = state.score = score
+            state.tier = _RANKED
+            self.stats.num_scored += 1
+
+    def _assign_failed(self, items: list[tuple[Sequence | None, _State]]) -> None:
+        for _, state in items:
+            state.tier = _UNRANKABLE
+            self.stats.num_failed += 1
 
 
 def load_ranker(path: str | Path, device: str) -> Scorer:
-    """A trained `LengthRanker` folder (from `lmstack ltr train`)."""
+    """A trained `LengthRanker` folder (from `lmstack ltr train`). On CUDA: in 16-bit (fp16 for BERT encoders,
+    bf16 for decoder LMs, whose activations can overflow fp16) behind a `BucketedScorer` that replays CUDA graphs."""
     if not Path(path).is_dir():
         raise LmstackError(f"ranker folder {path} does not exist; train one with `lmstack ltr train` and pass "
                            "its output folder as --ranker")
     try:
         from lmstack.ranking import LengthRanker
+        from lmstack.ranking.graphed import BucketedScorer
     except ImportError as e:
         raise LmstackError(f"the ltr policy needs lmstack.ranking, which cannot be imported ({e})") from None
-    return LengthRanker.load(str(path), device=device)
+    if not device.startswith("cuda"):
+        return LengthRanker.load(str(path), device=device)
+    from lmstack.models.decoder_encoder import is_decoder_model
+
+    dtype = torch.bfloat16 if is_decoder_model(str(path)) else torch.float16
+    return BucketedScorer(LengthRanker.load(str(path), device=device, dtype=dtype))
 
 
 def resolve_ranker_device(device: str) -> str:
@@ -182,9 +198,9 @@ class LearnedRankPolicy(Policy):
     preemptive = True
 
     def __init__(self, ranker: str | Path | Scorer | None = None, device: str = "auto", batch_size: int = 32,
-                 starvation_steps: int = 256, quantum: int = 64, preempt: bool = True,
-                 threaded: bool | None = None) -> None:
-        """`threaded`: score on a background thread (default: when the ranker runs on CUDA; see the module doc)."""
+                 starvation_steps: int = 256, quantum: int = 64, preempt: bool = True) -> None:
+        """`ranker`: a folder (loaded on `device`) or a loaded `Scorer`; a `BucketedScorer` gets its graphs
+        captured here, before serving starts."""
         if ranker is None:
             raise LmstackError("the ltr policy needs a trained ranker: pass --ranker PATH (a folder written by "
                                "`lmstack ltr train`)")
@@ -197,8 +213,10 @@ class LearnedRankPolicy(Policy):
         self.starvation_steps = starvation_steps
         self.quantum = quantum
         self.preemptive = preempt
-        threaded = self.device.startswith("cuda") if threaded is None else threaded
-        self.scorer = BatchScorer(scorer, batch_size, self.device, threaded)
+        capture = getattr(scorer, "capture", None)
+        if capture is not None:
+            capture()
+        self.scorer = BatchScorer(scorer, batch_size)
         self._states: dict[Sequence, _State] = {}
 
     @property
@@ -233,7 +251,7 @@ class LearnedRankPolicy(Policy):
         self.scorer.submit(items)
 
     def on_step(self, step: int, waiting: list[Sequence], running: list[Sequence]) -> None:
-        self.scorer.score_pending()
+        self.scorer.poll()
         for seq in waiting:
             state = self._states.get(seq)
             if state is None or state.tier == _PENDING:
@@ -251,7 +269,4 @@ class LearnedRankPolicy(Policy):
             self._states = {s: st for s, st in self._states.items() if not s.is_finished}
 
     def on_idle(self) -> None:
-        self.scorer.wait(_IDLE_WAIT_S)
-
-    def close(self) -> None:
-        self.scorer.close()
+        self.scorer.wait()
