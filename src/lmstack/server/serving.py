@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
-from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
-from lmstack.engine.async_engine import AsyncEngine, EngineClosedError, QueueFullError
+from lmstack.engine.async_engine import AsyncEngine, EngineClosedError
 from lmstack.engine.outputs import RequestOutput, TokenLogprob
 from lmstack.engine.sampling_params import SamplingParams
-from lmstack.errors import LmstackError
 from lmstack.models.tokenizer import Tokenizer
+from lmstack.server.errors import engine_errors, to_api_error
 from lmstack.server.metrics import ServerMetrics
 from lmstack.server.protocol import (
     ApiError,
@@ -47,28 +42,9 @@ from lmstack.server.protocol import (
     TopLogprob,
     Usage,
 )
+from lmstack.server.sse import ClientDisconnected, SSEResponse, TextChunks, held_back, sse, until_disconnected
 
-T = TypeVar("T")
 Events = AsyncGenerator[tuple[int, RequestOutput], None]
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the response was ready."""
-
-
-class SSEResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so an early disconnect aborts the requests."""
-
-    def __init__(self, content: AsyncGenerator[bytes, None]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._gen = content
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._gen.aclose()
 
 
 @dataclass
@@ -85,88 +61,6 @@ class _ChoiceState:
     logprobs_sent: int = 0
     token_offset: int = 0  # characters of the token strings sent, for completions' text_offset
     started: bool = False
-
-
-def _sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
-
-
-_MARK = "\x00lmstack-text\x00"
-_MARK_JSON = json.dumps(_MARK)  # how pydantic writes it too: \u0000 escapes
-
-
-class _TextChunks:
-    """A stream's common chunk, where only the text differs, as JSON without building models each time.
-
-    A stream sends one such chunk per token per choice, so its cost is the server's per-token overhead. The
-    chunk is rendered once per choice by pydantic with a marker as its text and split there; each chunk is
-    then one `json.dumps` of the new text (escaped as pydantic escapes it) between the two halves.
-    """
-
-    def __init__(self, build: Callable[[int, str], BaseModel]) -> None:
-        self._build = build
-        self._halves: dict[int, tuple[str, str]] = {}
-
-    def __call__(self, index: int, text: str) -> str:
-        halves = self._halves.get(index)
-        if halves is None:
-            head, _, tail = self._build(index, _MARK).model_dump_json().partition(_MARK_JSON)
-            halves = self._halves[index] = (head, tail)
-        return halves[0] + json.dumps(text, ensure_ascii=False) + halves[1]
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of `text` that are the start of some stop string."""
-    held = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:k]):
-                held = k
-                break
-    return held
-
-
-def to_api_error(e: Exception) -> ApiError:
-    """The HTTP error for an exception from the engine or the request's own validation."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, QueueFullError):
-        return ApiError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
-                        headers={"Retry-After": "1"})
-    if isinstance(e, EngineClosedError):
-        return ApiError(503, str(e), type="server_error", code="service_unavailable")
-    if isinstance(e, LmstackError):
-        return ApiError(400, str(e))
-    return ApiError(500, str(e) or type(e).__name__, type="server_error", code="internal_error")
-
-
-@contextmanager
-def engine_errors() -> Iterator[None]:
-    """Raise the engine's refusals and failures as HTTP errors."""
-    try:
-        yield
-    except Exception as e:
-        raise to_api_error(e) from e
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so aborting its requests) if the client disconnects first."""
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (task, watcher):
-            t.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-    if task.cancelled():
-        raise ClientDisconnected
-    return task.result()
 
 
 class OpenAIServing:
@@ -345,7 +239,7 @@ class OpenAIServing:
         try:
             async for i, out in events:
                 c, st = out.outputs[0], states[i]
-                end = len(c.text) if out.finished else len(c.text) - _held_back(c.text, stops)
+                end = len(c.text) if out.finished else len(c.text) - held_back(c.text, stops)
                 text = c.text[st.text_sent:end]
                 lps = c.logprobs[st.logprobs_sent:] if c.logprobs is not None else None
                 if not text and not lps and not out.finished:
@@ -357,21 +251,21 @@ class OpenAIServing:
                 if out.finished:
                     finals[i] = out
                 sent = True
-                yield _sse(payload)
+                yield sse(payload)
             if usage is not None:
-                yield _sse(usage([finals[i] for i in sorted(finals)]))
+                yield sse(usage([finals[i] for i in sorted(finals)]))
         except Exception as e:
             if not sent:
                 raise
-            yield _sse(to_api_error(e).body().model_dump_json())
+            yield sse(to_api_error(e).body().model_dump_json())
         finally:
             await events.aclose()
-        yield _sse("[DONE]")
+        yield sse("[DONE]")
 
     def _chat_chunks(self, req: ChatCompletionRequest, rid: str, events: Events, prompts: list[_Prompt],
                      num_choices: int) -> AsyncGenerator[bytes, None]:
         created = int(time.time())
-        plain = _TextChunks(lambda i, text: ChatCompletionChunk(
+        plain = TextChunks(lambda i, text: ChatCompletionChunk(
             id=rid, created=created, model=self.model_name,
             choices=[ChatChunkChoice(index=i, delta=ChatDelta(content=text))]))
 
@@ -393,7 +287,7 @@ class OpenAIServing:
     def _completion_chunks(self, req: CompletionRequest, rid: str, events: Events, prompts: list[_Prompt],
                            num_choices: int) -> AsyncGenerator[bytes, None]:
         created = int(time.time())
-        plain = _TextChunks(lambda i, text: CompletionResponse(id=rid, created=created, model=self.model_name,
+        plain = TextChunks(lambda i, text: CompletionResponse(id=rid, created=created, model=self.model_name,
                                                                choices=[CompletionChoice(index=i, text=text)]))
 
         def render(i: int, st: _ChoiceState, text: str, lps: list[TokenLogprob] | None, finish: str | None) -> str:
