@@ -135,3 +135,30 @@ def test_bad_input_is_a_clear_error(smol) -> None:
     with pytest.raises(LmstackError, match="smollm2-135m-instruct"):
         LLM("no-such-model")
     assert llm.engine.blocks.num_used == 0
+
+
+def test_lru_get_keeps_the_most_recently_used() -> None:
+    from collections import OrderedDict
+
+    from lmstack.engine.runner import lru_get
+
+    made: list[str] = []
+
+    def make(k: str) -> str:
+        made.append(k)
+        return k.upper()
+
+    cache: OrderedDict[str, str] = OrderedDict()
+    for k in "abab":
+        assert lru_get(cache, k, lambda k=k: make(k), 2) == k.upper()
+    assert made == ["a", "b"]  # hits are not made again
+    lru_get(cache, "a", lambda: make("a"), 2)  # a is now the most recent: c replaces b
+    lru_get(cache, "c", lambda: make("c"), 2)
+    assert list(cache) == ["a", "c"] and made == ["a", "b", "c"]
+    lru_get(cache, "b", lambda: make("b"), 2)
+    assert list(cache) == ["c", "b"]
+    for k in "defg":
+        lru_get(cache, k, lambda k=k: make(k), None)  # no limit
+    assert len(cache) == 6
+    with pytest.raises(LmstackError, match="max_lazy_graphs"):
+        EngineConfig(max_lazy_graphs=0)

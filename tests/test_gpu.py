@@ -94,3 +94,18 @@ def test_double_sparse_decode_graphs(selection: str, tiny_tokenizer_dir) -> None
                   enforce_eager=False, max_num_seqs=4)
     assert [t for t, _ in graphs] == [t for t, _ in eager] and _max_gap(graphs, eager) < 1e-3
     assert [t for t, _ in graphs] != [t for t, _ in dense]  # the budget really binds
+    # Two graphs kept at most: buckets met again after their graph was dropped are captured again.
+    engine = LLMEngine(model, tok, EngineConfig(max_model_len=4096, num_kv_blocks=1024, max_num_seqs=4,
+                                                attention_backend="double_sparse", attention_options=sparse,
+                                                max_lazy_graphs=2))
+    for prompt in prompts:
+        engine.add_request(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    captured = set()
+    while engine.has_unfinished:
+        engine.step()
+        assert len(engine.runner.graphs) <= 2
+        captured |= set(engine.runner.graphs)
+    assert len(captured) > 2
+    capped = _run(model, tok, prompts, 24, attention_backend="double_sparse", attention_options=sparse,
+                  enforce_eager=False, max_num_seqs=4, max_lazy_graphs=2)
+    assert [t for t, _ in capped] == [t for t, _ in eager] and _max_gap(capped, eager) < 1e-3

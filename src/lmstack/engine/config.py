@@ -23,6 +23,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "triton" on CUDA, "torch" elsewhere
     attention_options: dict[str, Any] = field(default_factory=dict)  # backend settings, e.g. double_sparse's
     enforce_eager: bool = False  # no CUDA graphs
+    max_lazy_graphs: int = 64  # graphs a lazily capturing backend keeps (least recently replayed dropped first)
     stream_text: bool = True  # detokenize every step (servers); off: decode once at the end (offline batches)
     seed: int = 0
     # Speculative decoding (engine/spec/): a proposer name from PROPOSERS ("draft", "ngram") or None (off).
@@ -38,7 +39,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         positive = {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
-                    "block_size": self.block_size}
+                    "block_size": self.block_size, "max_lazy_graphs": self.max_lazy_graphs}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise LmstackError(f"{name} must be a positive integer, got {value!r}")

@@ -3,13 +3,17 @@
 Owns the KV cache (sized from a memory budget) and, on CUDA, the captured graphs of decode steps:
 a decode step's kernels are replayed from the graph of the next larger captured batch size and context
 bound (a short bound lets the attention kernel split short contexts finely). All graphs share one full-width
-block table; each step copies in only the columns its sequences use.
+block table; each step copies in only the columns its sequences use. A backend that captures lazily (one
+graph per context bucket met) keeps at most `max_lazy_graphs`, dropping the least recently replayed: each
+graph holds its own logits buffer (batch x vocabulary), so a long-running server must not keep them all.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,12 +27,27 @@ from lmstack.errors import LmstackError
 from lmstack.models.config import ModelConfig
 from lmstack.models.llama import LlamaModel
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def lru_get(cache: OrderedDict[K, V], key: K, make: Callable[[], V], max_size: int | None) -> V:
+    """cache[key], marked most recently used; on a miss `make()`s it, first dropping the least recently used
+    entries beyond `max_size - 1` (None: no limit)."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    while max_size is not None and cache and len(cache) >= max_size:
+        cache.popitem(last=False)
+    value = cache[key] = make()
+    return value
 
 
 class ModelRunner:
@@ -63,7 +82,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, cfg.seed)
         self.use_graphs = self.device.type == "cuda" and not cfg.enforce_eager and self.backend.supports_cuda_graphs
         self.sync_timing = False  # profiling: wait for the device after the forward, so timings split truly
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: OrderedDict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self.graph_pool: tuple[int, int] | None = None
         self.graph_contexts = self.backend.graph_contexts(max_model_len)
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
@@ -214,10 +233,10 @@ class ModelRunner:
             return
         sizes = sorted((x for x in GRAPH_BATCH_SIZES if x <= b), reverse=True)
         for bs, context in ((bs, c) for bs in sizes for c in reversed(self.graph_contexts)):
-            self._capture(bs, context)
+            self.graphs[bs, context] = self._capture(bs, context)
         torch.cuda.synchronize()
 
-    def _capture(self, bs: int, context: int) -> None:
+    def _capture(self, bs: int, context: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture the decode forward of `bs` rows attending to at most `context` tokens, from the static buffers.
 
         The warm-up passes run on whatever the buffers hold: placeholders up front (slot 0 is reserved), or
@@ -236,7 +255,7 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=self.graph_pool):
                 logits = self.model.compute_logits(self.model(self.s_ids[:bs], self.s_pos[:bs], self.backend))
         self.graph_pool = graph.pool()
-        self.graphs[bs, context] = (graph, logits)
+        return graph, logits
 
     def _run_graph(self, sched: SchedulerOutput) -> torch.Tensor:
         n = len(sched.chunks)
@@ -265,8 +284,7 @@ class ModelRunner:
         self.s_seq_lens[:bs].copy_(dev_h[3])
         longest = max(rows[3])
         key = (bs, next(c for c in self.graph_contexts if c >= longest))
-        if key not in self.graphs:
-            self._capture(*key)
-        graph, logits = self.graphs[key]
+        limit = self.cfg.max_lazy_graphs if self.backend.lazy_graphs else None
+        graph, logits = lru_get(self.graphs, key, lambda: self._capture(*key), limit)
         graph.replay()
         return logits[:n]
