@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lmstack.bench.results import cli_command, write_results
+from lmstack.bench.results import cli_command, save_figure, write_results
 from lmstack.errors import LmstackError
 
 DEFAULT_OUTPUT = Path("benchmarks/results/double_sparsity_speed.json")
@@ -236,10 +236,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
 
 
 def print_table(m: dict[str, Any]) -> None:

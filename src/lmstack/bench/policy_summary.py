@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmstack.bench.results import save_figure
+
 _KEEP = ("mean_e2e_ms", "p90_e2e_ms", "p99_e2e_ms", "mean_ttft_ms", "p90_ttft_ms", "max_ttft_ms", "max_stall_ms",
          "p99_stall_ms", "mean_tpot_ms", "makespan_s", "request_throughput", "output_throughput", "preemptions",
          "steps", "mean_step_ms", "ranker_ms_per_request", "ranker_share_of_step_time")
@@ -106,10 +108,7 @@ def plot_latency_vs_rate(by_rate: list[dict[str, Any]], policies: list[str], pat
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True
 
 

@@ -131,3 +131,14 @@ def write_results(
     except OSError as e:
         raise LmstackError(f"cannot create results folder {path.parent}: {e}; choose another path") from None
     write_text_atomic(path, json.dumps(record, indent=2, default=_jsonable) + "\n")
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG beside `path`, rename it over `path`, and close the figure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    tmp.replace(path)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from lmstack.bench.results import cli_command, device_name, write_results
+from lmstack.bench.results import cli_command, device_name, save_figure, write_results
 from lmstack.bench.runlog import append_run, drive, poisson_offsets, read_runs
 from lmstack.errors import LmstackError
 
@@ -263,10 +263,7 @@ def plot(metrics: dict[str, Any], path: Path, title: str) -> bool:
     ax.legend()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True
 
 

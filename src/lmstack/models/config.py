@@ -9,6 +9,20 @@ from typing import Any
 
 from lmstack.errors import ModelLoadError
 
+
+def read_json_object(path: str | Path, missing_ok: bool = False) -> dict[str, Any]:
+    """A model folder's JSON file as a dict ({} for a missing file when `missing_ok`); a clear error otherwise."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return d
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -88,13 +102,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"cannot read model config {path}: {e}") from None
-        if not isinstance(d, dict):
-            raise ModelLoadError(f"{path} must hold a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json_object(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json that transformers (and lmstack) can load again."""

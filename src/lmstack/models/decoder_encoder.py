@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmstack.errors import ModelLoadError
-from lmstack.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from lmstack.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, read_json_object
 from lmstack.models.encoder import PaddedTextEncoder, mean_pool
 from lmstack.models.fused import add_rms_norm_ref, rotary_ref, silu_and_mul_ref
 from lmstack.models.llama import LlamaModel
@@ -182,19 +181,6 @@ def is_decoder_model(name_or_path: str) -> bool:
     return path.is_dir() and _model_type(path) in SUPPORTED_MODEL_TYPES
 
 
-def _saved_settings(folder: Path) -> dict[str, Any]:
-    file = folder / ENCODER_FILE
-    if not file.is_file():
-        return {}
-    try:
-        d = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {file}: {e}") from None
-    if not isinstance(d, dict):
-        raise ModelLoadError(f"{file} must hold a JSON object")
-    return d
-
-
 def load_decoder_encoder(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                          pooling: str | None = None, max_length: int | None = None) -> DecoderEncoder:
     """Load an embedded model name, .gguf file or HF Llama/Qwen2 folder as a trainable encoder (eval mode).
@@ -210,7 +196,7 @@ def load_decoder_encoder(name_or_path: str, device: str | torch.device = "cpu", 
     folder = resolve_model_path(name_or_path)  # a GGUF is converted (once) to an HF folder here
     if not (folder / "tokenizer.json").is_file():
         raise ModelLoadError(f"{folder} has no tokenizer.json, which a decoder encoder needs")
-    saved = _saved_settings(folder)
+    saved = read_json_object(folder / ENCODER_FILE, missing_ok=True)
     model, _, _ = load(str(folder), dtype=dtype, device=device)
     backbone = CausalBackbone(model).requires_grad_(True)
     files = {n: (folder / n).read_text(encoding="utf-8") for n in _TOKENIZER_FILES if (folder / n).is_file()}

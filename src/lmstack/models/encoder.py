@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from lmstack.errors import ModelLoadError
+from lmstack.models.config import read_json_object
 
 DEFAULT_ENCODER = "all-minilm-l6-v2"
 
@@ -182,16 +183,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     mask = attention_mask.to(torch.float32).unsqueeze(-1)  # [B, T, 1]
     summed = (hidden.to(torch.float32) * mask).sum(dim=1)  # [B, H]
     return summed / mask.sum(dim=1).clamp(min=1e-9)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from None
-    if not isinstance(d, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return d
 
 
 class PaddedTextEncoder(torch.nn.Module):
@@ -362,7 +353,7 @@ def _load_state(file: Path) -> dict[str, torch.Tensor]:
 def _default_max_length(folder: Path, cfg: EncoderConfig) -> int:
     """sentence-transformers' max_seq_length when the folder has one (256 for all-MiniLM-L6-v2), else 512."""
     st = folder / "sentence_bert_config.json"
-    length = _read_json(st).get("max_seq_length") if st.is_file() else None
+    length = read_json_object(st).get("max_seq_length") if st.is_file() else None
     return min(int(length) if isinstance(length, int) else 512, cfg.max_position_embeddings)
 
 
@@ -370,7 +361,7 @@ def load_encoder(name_or_path: str = DEFAULT_ENCODER, device: str | torch.device
                  dtype: torch.dtype = torch.float32) -> SentenceEncoder:
     """Load an embedded encoder name or an HF BERT encoder folder onto `device` in `dtype` (eval mode)."""
     folder = resolve_encoder_path(name_or_path)
-    raw = _read_json(folder / "config.json")
+    raw = read_json_object(folder / "config.json")
     cfg = EncoderConfig.from_hf(raw, str(folder / "config.json"))
     try:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))

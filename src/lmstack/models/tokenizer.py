@@ -17,18 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmstack.errors import LmstackError, ModelLoadError
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from None
-    if not isinstance(d, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return d
+from lmstack.models.config import read_json_object
 
 
 def _token_str(value: Any) -> str | None:
@@ -101,13 +90,13 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # the tokenizers library raises its own exception type
             raise ModelLoadError(f"cannot load {tok_file}: {e}") from None
-        cfg = _read_json(folder / "tokenizer_config.json")
+        cfg = read_json_object(folder / "tokenizer_config.json", missing_ok=True)
         template = _pick_template(cfg.get("chat_template"))
         jinja_file = folder / "chat_template.jinja"
         if template is None and jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
-        extra = _ids(_read_json(folder / "config.json").get("eos_token_id"))
-        extra += _ids(_read_json(folder / "generation_config.json").get("eos_token_id"))
+        extra = _ids(read_json_object(folder / "config.json", missing_ok=True).get("eos_token_id"))
+        extra += _ids(read_json_object(folder / "generation_config.json", missing_ok=True).get("eos_token_id"))
         return cls(
             tok,
             chat_template=template,

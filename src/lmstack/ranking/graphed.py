@@ -1,11 +1,12 @@
 """`BucketedScorer`: the serving-time front end of a `LengthRanker`, cheap enough to run on the engine's thread.
 
 The `ltr` policy scores every arriving request once. Run eagerly on a GPU, a MiniLM forward is ~100 small kernel
-launches, and run on a second Python thread it fights the engine loop for the GIL (measured on an H200: 16 ms
-per request, 30-50% of the engine's step time). Here each batch is padded to a (batch, length) bucket, powers of
-two, and on CUDA the forward of each bucket is captured once in a CUDA graph: scoring a batch is a host-to-device
-copy, one graph replay and a device-to-host copy, all queued on the engine's stream without waiting. `launch`
-returns `PendingScores` at once; the policy collects them at a later step, when `done()`.
+launches, and run on a second Python thread it fights the engine loop for the GIL (measured on an H200: 16 ms of
+wall time per request, while the requests waited for their scores). Here each batch is padded to a (batch,
+length) bucket, powers of two, and on CUDA the forward of each bucket is captured once in a CUDA graph: scoring a
+batch is a host-to-device copy, one graph replay and a device-to-host copy, all queued on the engine's stream
+without waiting. `launch` returns `PendingScores` at once; the policy collects them at a later step, when
+`done()`.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ the next scheduling step, on the engine's thread. On a GPU the ranker's forward 
 length) bucket (`ranking.graphed.BucketedScorer`): the step only queues it on the engine's stream and collects
 the scores at a later step, so the step never waits for the predictor; a request with no score yet simply stays
 in the queue until its score lands (only an otherwise idle engine waits for it). A second thread is no way to
-hide the predictor: on a GPU it fights the engine loop for the GIL (measured: 16 ms a request, 30-50% of the
-step time), on a CPU it slows every OpenMP region of the engine (+75% step time on 2 cores).
+hide the predictor: on a GPU it fights the engine loop for the GIL (measured: 16 ms of wall time a request,
+mean TTFT 147 ms against fcfs's 30 ms), on a CPU it slows every OpenMP region of the engine (+75% step time on 2 cores).
 
 Waiting and running requests are ordered by score; the batch is kept to the best-ranked requests (a new short
 request takes the slot of the longest-ranked running one, which is recomputed later), and under memory
