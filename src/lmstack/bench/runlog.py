@@ -74,5 +74,5 @@ def read_runs(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[dict[s
 
 def append_run(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, separators=(",", ":")) + "\n")
         f.flush()

@@ -133,6 +133,11 @@ def correction_group(k: int, num_decodes: int) -> tuple[bool, int]:
 Sample = tuple[int, np.ndarray, float]  # (decode requests, features, seconds)
 
 
+def _compact(x: float) -> float | int:
+    """A feature as a profile writes it: counts as integers, the rest to 7 significant digits."""
+    return int(x) if x.is_integer() else float(f"{x:.7g}")
+
+
 class Controller:
     """Chooses k per step and records what each step cost; subclasses decide the choice."""
 
@@ -180,7 +185,8 @@ class Controller:
     def profile(self) -> dict[str, Any]:
         """Everything a later run needs to start from this one's measurements (see `merge_profiles`)."""
         a = self.acceptance
-        rows = [[k, n, *f.tolist(), t] for (k, _), q in sorted(self.samples.items()) for n, f, t in q]
+        rows = [[k, n, *map(_compact, f.tolist()), round(t, 7)] for (k, _), q in sorted(self.samples.items())
+                for n, f, t in q]
         return {"version": PROFILE_VERSION, "features": list(FEATURES), "acceptance": a.rate,
                 "accepted_tokens": a.total_accepted, "tested_tokens": a.total_tested,
                 "acceptance_table": a.to_profile(), "samples": rows}
@@ -357,4 +363,4 @@ def merge_profiles(profiles: Seq[dict[str, Any]], **meta: Any) -> dict[str, Any]
 
 def save_profile(profile: dict[str, Any], path: str | Path) -> None:
     """Write a profile for `spec_profile` / `--spec-profile` to warm-start SmartSpec."""
-    write_text_atomic(path, json.dumps(profile) + "\n")
+    write_text_atomic(path, json.dumps(profile, separators=(",", ":")) + "\n")
