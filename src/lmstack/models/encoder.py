@@ -236,14 +236,13 @@ class PaddedTextEncoder(torch.nn.Module):
         return self.model(input_ids, mask), mask
 
     @torch.no_grad()
-    def embed(self, texts: list[str], batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
-        """texts → L2-normalised sentence embeddings [N, H] float32 on CPU.
-
-        Texts are batched by token length, so each batch pads little, and returned in input order.
-        """
+    def map_batches(self, texts: list[str], fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], out_dim: int,
+                    batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
+        """`fn(input_ids, attention_mask)` → [b, out_dim] over `texts`, in eval mode: float32 [N, out_dim] on CPU,
+        in input order. Texts are batched by token length, so each batch pads little."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out = torch.empty((len(texts), self.hidden_size), dtype=torch.float32)
+        out = torch.empty((len(texts), out_dim), dtype=torch.float32)
         if not texts:
             return out
         ids = self.token_ids(texts, max_length)
@@ -253,11 +252,15 @@ class PaddedTextEncoder(torch.nn.Module):
         try:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                pooled = self(*self.pad([ids[i] for i in chunk]))  # [b, H]
-                out[chunk] = F.normalize(pooled, p=2, dim=-1).cpu()
+                out[chunk] = fn(*self.pad([ids[i] for i in chunk])).float().cpu()
         finally:
             self.train(was_training)
         return out
+
+    def embed(self, texts: list[str], batch_size: int = 64, max_length: int | None = None) -> torch.Tensor:
+        """texts → L2-normalised sentence embeddings [N, H] float32 on CPU, in input order."""
+        return self.map_batches(texts, lambda ids, mask: F.normalize(self(ids, mask), p=2, dim=-1),
+                                self.hidden_size, batch_size, max_length)
 
 
 class SentenceEncoder(PaddedTextEncoder):

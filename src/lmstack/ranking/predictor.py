@@ -136,21 +136,12 @@ class LengthRanker(torch.nn.Module):
         """prompts → head outputs [N, K] float32 on CPU, batched by token length, in input order."""
         if batch_size < 1:
             raise LmstackError(f"batch_size must be >= 1, got {batch_size}")
-        prompts = list(prompts)
-        out = torch.empty((len(prompts), self.objective.out_dim), dtype=torch.float32)
-        if not prompts:
-            return out
-        ids = self.encoder.token_ids(prompts, self.max_length)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         was_training = self.training
-        self.eval()
+        self.eval()  # the head's dropout too, not only the encoder's
         try:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                out[chunk] = self(*self.encoder.pad([ids[i] for i in chunk])).float().cpu()
+            return self.encoder.map_batches(list(prompts), self, self.objective.out_dim, batch_size, self.max_length)
         finally:
             self.train(was_training)
-        return out
 
     def predict(self, prompts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """prompts → ranking scores [N] (higher = longer predicted output)."""
