@@ -43,12 +43,16 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_encoder(tmp_path_factory.mktemp("encoder") / "enc", hidden=32, layers=2)
 
 
+def synthetic_dataset(out: Path, n: int, tokenizer_dir: Path) -> Path:
+    """`n` synthetic prompts built into a length data file: a fifth held out for test, a tenth for validation."""
+    build_dataset(synthetic(n), out, SplitSpec(test_size=n // 5, val_size=n // 10, seed=0),
+                  label_tokenizer=str(tokenizer_dir))
+    return out
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("data") / "data.jsonl"
-    build_dataset(synthetic(600), out, SplitSpec(test_size=120, val_size=60, seed=0),
-                  label_tokenizer=str(tiny_tokenizer_dir))
-    return out
+    return synthetic_dataset(tmp_path_factory.mktemp("data") / "data.jsonl", 600, tiny_tokenizer_dir)
 
 
 def test_build_dedupes_splits_and_resumes(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:

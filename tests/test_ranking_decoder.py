@@ -17,9 +17,9 @@ from lmstack.models import load
 from lmstack.models.decoder_encoder import is_decoder_model, load_decoder_encoder
 from lmstack.models.dummy import PRESETS
 from lmstack.ranking import LengthRanker, kendall_tau
-from lmstack.ranking.data import SplitSpec, build_dataset, read_examples
+from lmstack.ranking.data import read_examples
 from lmstack.ranking.training import TrainConfig
-from test_ranking import synthetic
+from test_ranking import synthetic_dataset
 
 TEXTS = ["Hello world", "Write a long essay about cats, dogs and birds.", "def f(x):\n    return x * 2\n" * 3,
          "", "ok"]
@@ -51,10 +51,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Pat
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("data") / "data.jsonl"
-    build_dataset(synthetic(360), out, SplitSpec(test_size=60, val_size=30, seed=0),
-                  label_tokenizer=str(tiny_tokenizer_dir))
-    return out
+    return synthetic_dataset(tmp_path_factory.mktemp("data") / "data.jsonl", 360, tiny_tokenizer_dir)
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
