@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from importlib import metadata
@@ -185,7 +186,7 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return summed / mask.sum(dim=1).clamp(min=1e-9)
 
 
-class PaddedTextEncoder(torch.nn.Module):
+class PaddedTextEncoder(torch.nn.Module, ABC):
     """What every text encoder over a padded batch shares (BERT here, decoder-only LMs in `decoder_encoder`):
     one tokenizer per truncation length, right padding, and embedding in batches of similar length.
     Subclasses set `model` and `config` and define `token_ids` and `forward` (pooled sentence vectors)."""
@@ -204,8 +205,9 @@ class PaddedTextEncoder(torch.nn.Module):
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
+    @abstractmethod
     def token_ids(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-        raise NotImplementedError
+        """Token ids of each text with the model's special tokens, truncated to `max_length`."""
 
     def _tokenizer(self, max_length: int) -> Tokenizer:
         """One tokenizer per truncation length: `enable_truncation` mutates shared state, so never toggle it."""

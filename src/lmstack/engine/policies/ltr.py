@@ -105,15 +105,12 @@ class BatchScorer:
         self.stats.busy_s += time.perf_counter() - start
 
     def wait(self) -> None:
-        """An idle engine: wait for the scores in flight (the GPU has nothing else to do)."""
-        start = time.perf_counter()
+        """An idle engine: wait for the scores in flight (their GPU time is counted as they are collected)."""
         self._collect(wait=True)
-        self.stats.busy_s += time.perf_counter() - start
 
     def _score(self, batch: list[tuple[Sequence, _State]]) -> None:
         items = [(seq, state) for seq, state in batch if seq.prompt]
-        for _, state in (x for x in batch if not x[0].prompt):
-            self._assign_failed([(None, state)])
+        self._assign_failed([(seq, state) for seq, state in batch if not seq.prompt])
         if not items:
             return
         texts = [seq.prompt for seq, _ in items]
@@ -160,7 +157,7 @@ class BatchScorer:
             state.tier = _RANKED
             self.stats.num_scored += 1
 
-    def _assign_failed(self, items: list[tuple[Sequence | None, _State]]) -> None:
+    def _assign_failed(self, items: list[tuple[Sequence, _State]]) -> None:
         for _, state in items:
             state.tier = _UNRANKABLE
             self.stats.num_failed += 1
