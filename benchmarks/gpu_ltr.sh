@@ -21,6 +21,7 @@
 #         replaying their labelled lengths, so every policy does identical work: a burst (synthetic data
 #         generation), then Poisson rates around the measured capacity with the batch capped at MAX_NUM_SEQS.
 #         With RANKER=folder and TEST=held-out file (e.g. a ranker an earlier run returned), no training is needed.
+#         POLICIES: default fcfs,mlfq,ltr,oracle-sjf; ltr+evict and oracle-sjf+evict add the evicting variants.
 # Settings are environment variables; logs go to $OUT/gpu_ltr.log.
 set -uo pipefail
 C=${CARRY:-.carry/ltr}
@@ -112,6 +113,7 @@ elif [[ " $STEPS " == *" train "* ]]; then
 fi
 [[ " $STEPS " == *" serve "* ]] || exit 0
 python3 -m lmstack.bench.policies --model "$MODEL" --ranker "$WORK/ranker" --data "$WORK/test.jsonl.gz" \
+  --policies "${POLICIES:-fcfs,mlfq,ltr,oracle-sjf}" \
   --device "$DEVICE" --burst-requests "${BURST:-2000}" --burst-max-num-seqs "${BURST_MAX_NUM_SEQS:-256}" \
   --num-requests "${NUM_REQUESTS:-250}" --max-num-seqs "${MAX_NUM_SEQS:-64}" \
   --max-prompt-len "${MAX_PROMPT_LEN:-512}" --max-total-len "${MAX_TOTAL_LEN:-1024}" \

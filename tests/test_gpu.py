@@ -98,8 +98,9 @@ def test_double_sparse_decode_graphs(selection: str, tiny_tokenizer_dir) -> None
     engine = LLMEngine(model, tok, EngineConfig(max_model_len=4096, num_kv_blocks=1024, max_num_seqs=4,
                                                 attention_backend="double_sparse", attention_options=sparse,
                                                 max_lazy_graphs=2))
-    for prompt in prompts:
-        engine.add_request(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    # Requests that finish at different steps (the longest prompt first) walk the batch and context buckets.
+    for prompt, max_tokens in zip(prompts, (24, 16, 8, 2), strict=True):
+        engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     captured = set()
     while engine.has_unfinished:
         engine.step()

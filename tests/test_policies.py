@@ -119,8 +119,15 @@ def test_oracle_sjf_serves_shortest_true_length_first() -> None:
 
 
 def test_oracle_sjf_preempts_by_remaining_length() -> None:
-    """A full batch gives its slot to a shorter newcomer; the evicted request is recomputed from scratch."""
-    sched = _sched("oracle-sjf", max_num_seqs=1)
+    """With `preempt`, a full batch gives its slot to a shorter newcomer; the evicted request is recomputed from
+    scratch. By default the newcomer waits for a free slot."""
+    default = _sched("oracle-sjf", max_num_seqs=1)
+    default.add([_seq(0, 20)])
+    _step(default)
+    default.add([_seq(1, 3)])
+    assert not any(_step(default).preempted for _ in range(5))
+    assert _drain(default) == ["0", "1"]
+    sched = _sched("oracle-sjf", max_num_seqs=1, preempt=True)
     long = _seq(0, 20)
     sched.add([long])
     for _ in range(5):
@@ -204,8 +211,9 @@ def test_ltr_preempts_the_lowest_ranked_under_memory_pressure() -> None:
     policy.close()
 
 
-def test_ltr_batch_gives_way_to_better_ranked_newcomer() -> None:
-    policy = _ltr({"p0": 8.0, "p1": 2.0, "p2": 1.0})
+@pytest.mark.parametrize("preempt", [True, False])
+def test_ltr_batch_gives_way_to_better_ranked_newcomer_only_with_preempt(preempt: bool) -> None:
+    policy = _ltr({"p0": 8.0, "p1": 2.0, "p2": 1.0}, preempt=preempt)
     sched = _sched(policy, max_num_seqs=2)
     sched.add([_seq(0, 30), _seq(1, 30)])
     _wait_scored(policy, 2)
@@ -213,15 +221,19 @@ def test_ltr_batch_gives_way_to_better_ranked_newcomer() -> None:
     sched.add([_seq(2, 30)])
     _wait_scored(policy, 3)
     out = _step(sched)
-    assert [s.request_id for s in out.preempted] == ["0"]
-    assert {s.request_id for s in sched.running} == {"1", "2"}
+    if preempt:
+        assert [s.request_id for s in out.preempted] == ["0"]
+        assert {s.request_id for s in sched.running} == {"1", "2"}
+    else:
+        assert not out.preempted and {s.request_id for s in sched.running} == {"0", "1"}
+        assert sched.waiting[0].request_id == "2"
     policy.close()
 
 
 def test_ltr_starvation_boosts_order_admission_but_never_evict() -> None:
     # A burst: 12 requests at once, 2 slots, starvation after 3 steps, so most requests get boosted while others
     # run. Boosts must only reorder admission; evicting for them would recompute work over and over.
-    policy = _ltr({f"p{i}": float(i % 5) for i in range(12)}, starvation_steps=3, quantum=2)
+    policy = _ltr({f"p{i}": float(i % 5) for i in range(12)}, starvation_steps=3, quantum=2, preempt=True)
     sched = _sched(policy, max_num_seqs=2)
     sched.add([_seq(i, 6) for i in range(12)])
     _wait_scored(policy, 12)
@@ -233,7 +245,7 @@ def test_ltr_starvation_boosts_order_admission_but_never_evict() -> None:
 
 
 def test_ltr_once_starved_request_keeps_its_slot() -> None:
-    policy = _ltr({"p0": 9.0, "p1": 1.0}, starvation_steps=2, quantum=1)
+    policy = _ltr({"p0": 9.0, "p1": 1.0}, starvation_steps=2, quantum=1, preempt=True)
     sched = _sched(policy, max_num_seqs=1)
     sched.add([_seq(1, 4)])
     _wait_scored(policy, 1)
@@ -323,8 +335,10 @@ def test_serve_flags_become_policy_options() -> None:
     from lmstack.server.cli import policy_options
 
     args = build_parser().parse_args(["serve", "--policy", "ltr", "--ranker", "runs/r", "--starvation-steps", "50",
-                                      "--quantum", "8", "--ranker-device", "cpu"])
-    assert policy_options(args) == {"ranker": "runs/r", "device": "cpu", "starvation_steps": 50, "quantum": 8}
+                                      "--quantum", "8", "--ranker-device", "cpu", "--rank-preemption"])
+    assert policy_options(args) == {"ranker": "runs/r", "device": "cpu", "starvation_steps": 50, "quantum": 8,
+                                    "preempt": True}
+    assert make_policy("oracle-sjf", preempt=True).preemptive and not make_policy("oracle-sjf").preemptive
     assert policy_options(build_parser().parse_args(["serve"])) == {}
     with pytest.raises(LmstackError, match="no option"):  # a flag the chosen policy does not take is an error
         make_policy("fcfs", **policy_options(build_parser().parse_args(["serve", "--quantum", "8"])))
@@ -490,9 +504,9 @@ def test_bench_policies_writes_results_and_resumes_from_its_log(tmp_path) -> Non
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "res.json"
-    argv = ["--model", "dummy:tiny-llama", "--device", "cpu", "--data", str(data), "--policies", "fcfs,oracle-sjf",
-            "--num-requests", "6", "--max-num-seqs", "2", "--num-kv-blocks", "64", "--rate-fractions", "0.5,0.9",
-            "--threads", "1", "--output", str(out)]
+    argv = ["--model", "dummy:tiny-llama", "--device", "cpu", "--data", str(data), "--policies",
+            "fcfs,oracle-sjf,oracle-sjf+evict", "--num-requests", "6", "--max-num-seqs", "2", "--num-kv-blocks", "64",
+            "--rate-fractions", "0.5,0.9", "--threads", "1", "--output", str(out)]
     threads = torch.get_num_threads()
     try:
         metrics = run(parser.parse_args(argv))
@@ -502,11 +516,17 @@ def test_bench_policies_writes_results_and_resumes_from_its_log(tmp_path) -> Non
     saved = json.loads(out.read_text())
     assert saved["metrics"]["capacity_req_s"] == pytest.approx(metrics["capacity_req_s"])
     assert len(saved["metrics"]["by_rate"]) == 2 and saved["command"].startswith("lmstack bench policies")
-    assert set(saved["metrics"]["burst"]) == {"fcfs", "oracle-sjf"}
+    assert set(saved["metrics"]["burst"]) == {"fcfs", "oracle-sjf", "oracle-sjf+evict"}
     assert saved["metrics"]["burst"]["fcfs"]["makespan_s"] > 0
+    assert set(saved["metrics"]["evict_over_no_evict_latency"]) == {"oracle-sjf"}
     log = out.with_suffix(".jsonl")
-    assert len(log.read_text().splitlines()) == 6  # (burst + 2 rates) x 2 policies, one record each
+    assert len(log.read_text().splitlines()) == 9  # (burst + 2 rates) x 3 policies, one record each
     assert again["by_rate"] == metrics["by_rate"]
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(r["metrics"]["preemptions"] == 0 for r in runs if r["policy"] == "oracle-sjf")  # no memory pressure
+    for bad in ("fcfs+evict", "ltr+swap", "nope"):
+        with pytest.raises(LmstackError, match="unknown policies"):
+            run(parser.parse_args([*argv[:7], bad, *argv[8:]]))
 
 
 def test_steady_capacity_leaves_out_the_tail_of_an_all_at_once_run() -> None:

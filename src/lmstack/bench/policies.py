@@ -32,6 +32,7 @@ from lmstack.errors import LmstackError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_POLICIES = "fcfs,mlfq,ltr,oracle-sjf"
+EVICTABLE = ("ltr", "oracle-sjf")  # policies with a `preempt` option (the `+evict` variants)
 _OPTIONS = ("model", "tokenizer", "ranker", "data", "policies", "num_requests", "burst_requests", "rates",
             "rate_fractions", "max_num_seqs", "burst_max_num_seqs", "num_kv_blocks", "max_num_batched_tokens",
             "max_prompt_len", "max_total_len", "starvation_steps", "quantum", "time_budget", "threads", "dtype",
@@ -47,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="`lmstack ltr build-data` file: its held-out test split is replayed (default: a "
                              "seeded ShareGPT sample, which may overlap the ranker's training prompts)")
-    parser.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
+    parser.add_argument("--policies", default=DEFAULT_POLICIES,
+                        help=f"comma-separated (default {DEFAULT_POLICIES}); ltr+evict and oracle-sjf+evict also evict "
+                             "running requests for better-ranked newcomers")
     parser.add_argument("--num-requests", type=int, default=100, help="requests per Poisson rate (default 100)")
     parser.add_argument("--burst-requests", type=int, default=None, help="requests in the burst (default: "
                         "--num-requests; 0 skips the burst, then --rates is needed)")
@@ -88,12 +91,21 @@ def _floats(text: str | None, flag: str) -> list[float]:
     return sorted(values)
 
 
+def base_policy(name: str) -> tuple[str, bool]:
+    """`ltr+evict` → (`ltr`, True): the `+evict` variant of a rank policy evicts running requests for better-ranked
+    newcomers (the policy's `preempt` option), so a run can compare both against each other."""
+    base, plus, variant = name.partition("+")
+    return base, bool(plus) and variant == "evict"
+
+
 def _check(args: argparse.Namespace) -> list[str]:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if base_policy(p)[0] not in POLICIES
+               or ("+" in p and (not base_policy(p)[1] or base_policy(p)[0] not in EVICTABLE))]
     if unknown or not policies:
-        raise LmstackError(f"unknown policies {unknown} in --policies; choose from {', '.join(sorted(POLICIES))}")
-    if "ltr" in policies and not args.ranker:
+        raise LmstackError(f"unknown policies {unknown} in --policies; choose from {', '.join(sorted(POLICIES))}, "
+                           f"or {', '.join(p + '+evict' for p in EVICTABLE)}")
+    if any(base_policy(p)[0] == "ltr" for p in policies) and not args.ranker:
         raise LmstackError("--policies includes ltr: pass --ranker PATH (a folder from `lmstack ltr train`)")
     if args.num_requests < 1 or (args.burst_requests is not None and args.burst_requests < 0):
         raise LmstackError("--num-requests must be >= 1 and --burst-requests >= 0")
@@ -144,7 +156,8 @@ def sweep_order(rates: list[float], capacity: float | None) -> list[float]:
 
 def _read_log(path: Path, config: dict[str, Any], ranker: str | None) -> dict[tuple[str, str], dict[str, Any]]:
     """Finished runs of this exact configuration, ltr runs only with this ranker."""
-    runs = read_runs(path, lambda r: r.get("config") == config and (r["policy"] != "ltr" or r.get("ranker") == ranker))
+    runs = read_runs(path, lambda r: r.get("config") == config
+                     and (base_policy(r["policy"])[0] != "ltr" or r.get("ranker") == ranker))
     return {(r["scenario"], r["policy"]): r for r in runs}
 
 
@@ -181,7 +194,8 @@ class _Runner:
                     "starvation_steps": a.starvation_steps, "quantum": a.quantum},
             "mlfq": {"starvation_steps": a.starvation_steps},
         }
-        return make_policy(name, **options.get(name, {}))
+        base, evict = base_policy(name)
+        return make_policy(base, **options.get(base, {}), **({"preempt": True} if evict else {}))
 
     def run(self, scenario: str, rate: float | None, policy_name: str, requests: list[ReplayRequest],
             offsets: list[float], max_num_seqs: int) -> dict[str, Any]:
@@ -200,11 +214,11 @@ class _Runner:
                            ranker_ms_per_request=1e3 * stats.busy_s / max(stats.num_scored, 1),
                            ranker_share_of_step_time=stats.busy_s / max(result.step_s, 1e-9))
         record = {"config": self.config, "scenario": scenario, "rate": rate, "policy": policy_name,
-                  "ranker": self.args.ranker if policy_name == "ltr" else None,
+                  "ranker": self.args.ranker if base_policy(policy_name)[0] == "ltr" else None,
                   "metrics": metrics, "finish_s": [round(t, 4) for t in sorted(result.finish)]}
         append_run(self.log, record)
         self.done[scenario, policy_name] = record
-        print(f"  {scenario:<12} {policy_name:<11} mean E2E {metrics['mean_e2e_ms'] / 1e3:8.2f} s  "
+        print(f"  {scenario:<12} {policy_name:<16} mean E2E {metrics['mean_e2e_ms'] / 1e3:8.2f} s  "
               f"p90 {metrics['p90_e2e_ms'] / 1e3:8.2f} s  TTFT {metrics['mean_ttft_ms'] / 1e3:7.2f} s  "
               f"max stall {metrics['max_stall_ms'] / 1e3:7.2f} s  makespan {metrics['makespan_s']:7.1f} s  "
               f"preempt {metrics['preemptions']}", flush=True)
@@ -234,7 +248,7 @@ class _Plan:
         if (not force and not logged and budget is not None
                 and time.monotonic() - self.started + self._estimate(scenario, rate, len(requests)) > budget):
             self.skipped.append(f"{scenario}/{policy}")
-            print(f"  {scenario:<12} {policy:<11} skipped: it would not fit the --time-budget", flush=True)
+            print(f"  {scenario:<12} {policy:<16} skipped: it would not fit the --time-budget", flush=True)
             return None
         record = self.runner.run(scenario, rate, policy, requests, offsets, max_num_seqs)
         if scenario == "burst":

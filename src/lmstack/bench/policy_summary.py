@@ -69,6 +69,10 @@ def summary_metrics(burst: dict[str, dict[str, Any]], sweep: dict[float, dict[st
                                               _metric(at, "oracle-sjf", "mean_e2e_ms"))
         m["mean_latency_mlfq_over_ltr"] = _ratio(_metric(at, "mlfq", "mean_e2e_ms"), _metric(at, "ltr", "mean_e2e_ms"))
         m["max_stall_ltr_over_fcfs"] = _ratio(_metric(at, "ltr", "max_stall_ms"), _metric(at, "fcfs", "max_stall_ms"))
+        m["evict_over_no_evict_latency"] = {
+            p.removesuffix("+evict"): _ratio(_metric(at, p, "mean_e2e_ms"), _metric(at, p.removesuffix("+evict"),
+                                                                                   "mean_e2e_ms"))
+            for p in policies if p.endswith("+evict")}
     ltr_runs = [run["metrics"] for run in [*burst.values(), *(r for s in sweep.values() for r in s.values())]
                 if "ranker_busy_s" in run["metrics"]]
     if ltr_runs:
@@ -119,14 +123,14 @@ def plot_title(metrics: dict[str, Any], device_name: str) -> str:
 def print_table(metrics: dict[str, Any], output: Path) -> None:
     policies = metrics["policies"]
     rows = [("burst", metrics.get("burst", {}))] + [(f"{r['rate_req_s']:.2f} req/s", r) for r in metrics["by_rate"]]
-    print(f"{'scenario':<14}{'policy':<12}{'mean E2E s':>11}{'p90 E2E s':>11}{'TTFT s':>9}{'max stall s':>12}"
+    print(f"{'scenario':<14}{'policy':<18}{'mean E2E s':>11}{'p90 E2E s':>11}{'TTFT s':>9}{'max stall s':>12}"
           f"{'makespan s':>11}{'preempt':>8}")
     for label, table in rows:
         for p in policies:
             if p not in table:
                 continue
             t = table[p]
-            print(f"{label:<14}{p:<12}{t['mean_e2e_ms'] / 1e3:>11.2f}{t['p90_e2e_ms'] / 1e3:>11.2f}"
+            print(f"{label:<14}{p:<18}{t['mean_e2e_ms'] / 1e3:>11.2f}{t['p90_e2e_ms'] / 1e3:>11.2f}"
                   f"{t['mean_ttft_ms'] / 1e3:>9.2f}{t['max_stall_ms'] / 1e3:>12.2f}{t['makespan_s']:>11.1f}"
                   f"{t['preemptions']:>8}")
     for key in ("capacity_req_s", "highest_sustainable_rate_req_s", "mean_latency_fcfs_over_ltr",

@@ -11,10 +11,12 @@ without waiting. `launch` returns `PendingScores` at once; the policy collects t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lmstack.errors import LmstackError
@@ -122,8 +124,11 @@ class BucketedScorer:
         b = bucket_of(len(index), self.batch_sizes)
         t = bucket_of(max(len(ids[i]) for i in index), self.lengths)
         rows = [ids[i] for i in index] + [ids[index[0]]] * (b - len(index))  # no all-padding row: no NaN
-        input_ids = torch.tensor([x + [self._pad_id] * (t - len(x)) for x in rows], dtype=torch.long)  # [b, t]
-        mask = torch.tensor([[1] * len(x) + [0] * (t - len(x)) for x in rows], dtype=torch.long)  # [b, t]
+        lens = np.array([len(x) for x in rows])
+        mask_np = np.arange(t) < lens[:, None]  # [b, t]
+        ids_np = np.full((b, t), self._pad_id, dtype=np.int64)
+        ids_np[mask_np] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
+        input_ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np.astype(np.int64))  # [b, t] each
         g = self._graph(b, t) if self.use_graphs else None
         if g is None:
             with torch.no_grad():

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--starvation-steps", type=int,
                         help="ltr/mlfq: steps a request may wait before it is given priority (default 256)")
     parser.add_argument("--quantum", type=int, help="ltr: steps of priority a starved request gets (default 64)")
+    parser.add_argument("--rank-preemption", action="store_true", default=None,
+                        help="ltr: a better-ranked waiting request evicts the worst-ranked running one from a full "
+                             "batch (it is recomputed later); off by default")
     parser.add_argument("--speculative", choices=["draft", "ngram"],
                         help="speculative decoding: a draft model (--spec-model) or n-gram prompt lookup")
     parser.add_argument("--spec-model", help="draft: the smaller model, with the target's tokenizer")
@@ -89,7 +92,7 @@ def _check(args: argparse.Namespace) -> None:
 def policy_options(args: argparse.Namespace) -> dict[str, Any]:
     """The policy flags that were given; the policy rejects the ones it does not take (e.g. --ranker for fcfs)."""
     names = {"ranker": "ranker", "ranker_device": "device", "starvation_steps": "starvation_steps",
-             "quantum": "quantum"}
+             "quantum": "quantum", "rank_preemption": "preempt"}
     return {option: getattr(args, flag) for flag, option in names.items() if getattr(args, flag) is not None}
 
 
