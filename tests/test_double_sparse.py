@@ -223,6 +223,7 @@ def test_engine_int8_labels_decode_sparsely_and_dense_layers_stay_dense(tiny_tok
     ({"channels": "first", "label_bits": 4}, "label_bits"),
     ({"channels": "first", "selection": "token"}, "selection must be one of"),
     ({"channels": "first", "score_bits": 8}, "score_bits must be 32 or 16"),
+    ({"channels": "first", "topk": "heap"}, "topk must be torch or radix"),
     ({"channels": "first", "dense_layers": [7]}, "do not exist"),
     ({"channels": "first", "top_k": 3}, "unknown double_sparse option"),
     ({}, "needs channels"),

@@ -117,6 +117,46 @@ def test_topk_selects_the_reference_set(k: int) -> None:
         assert (got[b] < s).all()
 
 
+def check_radix(seq_lens: list[int], heads: int, k: int, dtype: torch.dtype, seed: int, ties: bool = False) -> None:
+    """`ds_topk(method="radix")` keeps the same multiset of scores as torch.topk, at distinct valid positions."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (len(seq_lens), heads, max(seq_lens))
+    raw = torch.randint(-6, 6, shape, generator=gen).float() if ties else torch.randn(shape, generator=gen) * 50
+    scores = raw.to(dtype).to(DEVICE)
+    lens = lens_tensor(seq_lens)
+    past_end = torch.arange(shape[-1], device=DEVICE).expand_as(scores) >= lens.view(-1, 1, 1)
+    scores[past_end] = float("nan")  # never read: a kernel that looks past seq_len picks NaN, the largest key
+    got = tri.ds_topk(scores, lens, k, method="radix")
+    want = ref.ds_topk(scores.masked_fill(past_end, float("-inf")), lens, k)
+    assert got.shape == (*shape[:2], k) and got.dtype == torch.int32
+    for b, s in enumerate(seq_lens):
+        for h in range(heads):
+            if s <= k:  # every position, in order, then the -1 tail
+                whole = torch.cat([torch.arange(s), torch.full((k - s,), -1)]).to(got)
+                assert torch.equal(got[b, h], whole)
+                continue
+            pos = got[b, h].long()
+            assert len(set(pos.tolist())) == k and int(pos.min()) >= 0 and int(pos.max()) < s
+            chosen = scores[b, h, pos].float().sort().values
+            assert torch.equal(chosen, scores[b, h, want[b, h].long()].float().sort().values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_radix_topk_matches_torch_topk(dtype: torch.dtype) -> None:
+    # Rows over one 4,096-score tile and under it, just over k, at k and under k; float and integer (tied) scores.
+    check_radix([5000, 4097, 130, 129, 128, 40], 2, 128, dtype, seed=0)
+    check_radix([9000, 300], 3, 100, dtype, seed=1, ties=True)
+
+
+def test_radix_topk_rejects_what_it_cannot_rank() -> None:
+    scores = torch.zeros(1, 1, 64, device=DEVICE)
+    lens = lens_tensor([64])
+    with pytest.raises(ValueError, match="method"):
+        tri.ds_topk(scores, lens, 8, method="heap")
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        tri.ds_topk(scores.double(), lens, 8, method="radix")
+
+
 def check_sparse(seq_lens: list[int], n_heads: int, n_kv: int, head_dim: int, block_size: int, k: int,
                  dtype: torch.dtype, shared: bool, seed: int, splits: int | None = None) -> None:
     gen = torch.Generator().manual_seed(seed)
@@ -191,6 +231,8 @@ def test_rejects_mismatched_inputs() -> None:
 @pytest.mark.parametrize("shared", [False, True])
 def test_llama8b_shapes_bf16(shared: bool) -> None:
     check_sparse([4096, 1000, 8192, 17], 32, 8, 128, 16, 512, torch.bfloat16, shared, seed=int(shared))
+    for dtype in (torch.float32, torch.bfloat16):
+        check_radix([131072, 70000, 8192, 4096], 8 if shared else 32, 8192 if shared else 512, dtype, seed=5)
     gen = torch.Generator().manual_seed(3)
     seq_lens = [8192, 3000, 5]
     (labels,), tables = paged_caches(seq_lens, 16, 8, [8], torch.bfloat16, gen)

@@ -66,8 +66,8 @@ def test_triton_and_graphs_match_reference(dtype: torch.dtype, tiny_tokenizer_di
         assert _max_gap(fast, truth) <= 2 * _max_gap(ref, truth) + 0.02
 
 
-@pytest.mark.parametrize("selection", ["head", "kv_group"])
-def test_double_sparse_decode_graphs(selection: str, tiny_tokenizer_dir) -> None:
+@pytest.mark.parametrize(("selection", "topk"), [("head", "torch"), ("kv_group", "torch"), ("kv_group", "radix")])
+def test_double_sparse_decode_graphs(selection: str, topk: str, tiny_tokenizer_dir) -> None:
     """Double Sparsity decode replayed from lazily captured graphs: with every token and every channel it is
     dense attention; with a real budget it is what the eager backend computes for the graph's bucket."""
     model, tok, _ = load("dummy:" + json.dumps(CONFIG), dtype=torch.float32, device="cuda",
@@ -84,7 +84,8 @@ def test_double_sparse_decode_graphs(selection: str, tiny_tokenizer_dir) -> None
                   enforce_eager=False, max_num_seqs=4)
     assert [t for t, _ in graphs] == [t for t, _ in dense] and _max_gap(graphs, dense) < 1e-3
     # Budget 64 tokens (an absolute count: the same for every row and bucket), so eager and graphs agree.
-    sparse = {"channels": "random", "r": 4, "token_budget": 64, "dense_below": 0, "selection": selection}
+    sparse = {"channels": "random", "r": 4, "token_budget": 64, "dense_below": 0, "selection": selection,
+              "topk": topk}
     eager = _run(model, tok, prompts, 24, attention_backend="double_sparse", attention_options=sparse,
                  enforce_eager=True)
     engine = LLMEngine(model, tok, EngineConfig(max_model_len=4096, num_kv_blocks=1024, max_num_seqs=4,

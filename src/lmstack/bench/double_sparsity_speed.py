@@ -37,6 +37,7 @@ NOTES = [
     "from a CUDA graph, do_bench medians with the L2 flushed between runs; DS time includes the q-label "
     "gather, label scoring, top-k (torch.topk, sorted=False) and the sparse attention",
     "s16: kv_group with the approximate scores stored in bf16 (score_bits=16), which halves the top-k's bytes",
+    "radix: s16 with the top-k by radix_topk (histogram passes + a compaction in Triton) instead of torch.topk",
     "per head: one top-k list per query head (the double_sparse backend); kv_group: one list per KV head "
     "from the group's summed label scores. Under GQA (G query heads per KV head) per-head lists gather "
     "G x more K/V rows than kv_group lists, so the per-head byte saving at 1/16 is at most 16/G",
@@ -141,7 +142,9 @@ def _e2e(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]
     kv_group = {**ds_options, "selection": "kv_group"}
     for name, backend, options in (("dense", "triton", {}), ("double_sparse", "double_sparse", ds_options),
                                    ("double_sparse_kv_group", "double_sparse", kv_group),
-                                   ("double_sparse_kv_group_s16", "double_sparse", {**kv_group, "score_bits": 16})):
+                                   ("double_sparse_kv_group_s16", "double_sparse", {**kv_group, "score_bits": 16}),
+                                   ("double_sparse_kv_group_s16_radix", "double_sparse",
+                                    {**kv_group, "score_bits": 16, "topk": "radix"})):
         # Room for the decode steps the first sequences take while the last prompts are prefilled in chunks.
         prefill_steps = args.e2e_batch * (args.e2e_context // EngineConfig.max_num_batched_tokens + 1)
         config = EngineConfig(max_num_seqs=args.e2e_batch,
@@ -166,6 +169,7 @@ def _e2e(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]
             "speedup": runs["double_sparse"]["tok_s"] / runs["dense"]["tok_s"],
             "speedup_kv_group": runs["double_sparse_kv_group"]["tok_s"] / runs["dense"]["tok_s"],
             "speedup_kv_group_s16": runs["double_sparse_kv_group_s16"]["tok_s"] / runs["dense"]["tok_s"],
+            "speedup_kv_group_s16_radix": runs["double_sparse_kv_group_s16_radix"]["tok_s"] / runs["dense"]["tok_s"],
             "speedup_vs_dense_eager": runs["double_sparse"]["tok_s"] / runs["dense"]["eager_tok_s"]}
 
 
@@ -190,12 +194,14 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
         m["attn_speedup_1_16_max"] = max(r["speedup_head"] for r in rows)
         m["attn_speedup_1_16_max_kv_group"] = max(r["speedup_kv_group"] for r in rows)
         m["attn_speedup_1_16_max_kv_group_s16"] = max(r["speedup_kv_group_s16"] for r in rows)
+        m["attn_speedup_1_16_max_kv_group_s16_radix"] = max(r["speedup_kv_group_s16_radix"] for r in rows)
         best = max(rows, key=lambda r: r["speedup_head"])
         m["attn_speedup_1_16_max_at"] = {"batch": best["batch"], "context": best["context"]}
     if "speedup" in results.get("e2e", {}):
         m["e2e_decode_speedup"] = results["e2e"]["speedup"]
         m["e2e_decode_speedup_kv_group"] = results["e2e"]["speedup_kv_group"]
         m["e2e_decode_speedup_kv_group_s16"] = results["e2e"]["speedup_kv_group_s16"]
+        m["e2e_decode_speedup_kv_group_s16_radix"] = results["e2e"]["speedup_kv_group_s16_radix"]
         m["e2e_decode_tok_s"] = {k: v["tok_s"] for k, v in results["e2e"]["runs"].items()}
     modes = results.get("offload", {}).get("modes", {})
     if "ds_offload_head" in modes:
@@ -243,18 +249,20 @@ def print_table(m: dict[str, Any]) -> None:
     rows = [r for r in m.get("attention", {}).get("rows", []) if "dense_us" in r]
     if rows:
         print(f"{'ctx':>7} {'B':>3} {'dense us':>9} {'DS head':>9} {'x':>6} {'DS kvg':>9} {'x':>6} {'s16 x':>6} "
-              f"{'scores':>8} {'topk':>8} {'sparse':>8} {'kvg:sc':>8} {'topk':>8} {'sparse':>8}")
+              f"{'radix x':>7} {'scores':>8} {'topk':>8} {'sparse':>8} {'kvg:sc':>8} {'topk':>8} {'radix':>8} "
+              f"{'sparse':>8}")
         for r in rows:
             print(f"{r['context']:>7} {r['batch']:>3} {r['dense_us']:>9.1f} {r['ds_head_us']:>9.1f} "
                   f"{r['speedup_head']:>6.2f} {r['ds_kv_group_us']:>9.1f} {r['speedup_kv_group']:>6.2f} "
-                  f"{r['speedup_kv_group_s16']:>6.2f} "
+                  f"{r['speedup_kv_group_s16']:>6.2f} {r['speedup_kv_group_s16_radix']:>7.2f} "
                   f"{r['stage_scores_us']:>8.1f} {r['stage_topk_us']:>8.1f} {r['stage_sparse_us']:>8.1f} "
                   f"{r['stage_scores_kv_group_us']:>8.1f} {r['stage_topk_kv_group_us']:>8.1f} "
+                  f"{r['stage_topk_radix_kv_group_us']:>8.1f} "
                   f"{r['stage_sparse_kv_group_us']:>8.1f}")
     e2e = m.get("e2e", {})
     for name, run in e2e.get("runs", {}).items():
         kept = f", graphs keep {run['graph_keep']:.4f} of the context" if "graph_keep" in run else ""
-        print(f"e2e {name:<14} B={e2e['batch']} ctx={e2e['context']}: {run['step_ms']:.2f} ms/step "
+        print(f"e2e {name:<33} B={e2e['batch']} ctx={e2e['context']}: {run['step_ms']:.2f} ms/step "
               f"{run['tok_s']:.1f} tok/s (eager {run['eager_step_ms']:.2f} ms, "
               f"attention {run['eager_attention_ms']:.2f} ms{kept})")
     off = m.get("offload", {})
@@ -265,7 +273,8 @@ def print_table(m: dict[str, Any]) -> None:
         if "error" in m.get(part, {}):
             print(f"{part}: FAILED: {m[part]['error']}")
     for key in ("attn_speedup_1_16_max", "attn_speedup_1_16_max_kv_group", "attn_speedup_1_16_max_kv_group_s16",
-                "e2e_decode_speedup", "e2e_decode_speedup_kv_group", "e2e_decode_speedup_kv_group_s16",
+                "attn_speedup_1_16_max_kv_group_s16_radix", "e2e_decode_speedup", "e2e_decode_speedup_kv_group",
+                "e2e_decode_speedup_kv_group_s16", "e2e_decode_speedup_kv_group_s16_radix",
                 "offload_speedup", "offload_speedup_kv_group"):
         if key in m:
             print(f"{key}: {m[key]:.2f}")

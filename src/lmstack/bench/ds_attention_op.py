@@ -83,11 +83,11 @@ def q_labels(inp: LayerInputs, shape: OpShape, shared: bool) -> torch.Tensor:
 
 
 def ds_decode(inp: LayerInputs, shape: OpShape, ctx: int, shared: bool,
-              score_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+              score_dtype: torch.dtype = torch.float32, topk: str = "torch") -> torch.Tensor:
     """The whole Double Sparsity decode op: label channels → scores → top-k → sparse attention."""
     scores = ds_label_scores(q_labels(inp, shape, shared), inp.labels, inp.tables, inp.lens, max_seq_len=ctx,
                              out_dtype=score_dtype)
-    idx = ds_topk(scores, inp.lens, shape.keep(ctx))
+    idx = ds_topk(scores, inp.lens, shape.keep(ctx), method=topk)
     return ds_sparse_attention(inp.q, inp.k, inp.v, inp.tables, idx, shape.head_dim**-0.5)
 
 
@@ -109,11 +109,14 @@ def check(shape: OpShape, batch: int = 3, ctx: int = 5000, seed: int = 1) -> dic
         got = ds_label_scores(ql, inp.labels, inp.tables, inp.lens, max_seq_len=ctx)
         want = ref.ds_label_scores(ql, inp.labels, inp.tables, inp.lens)
         errors[f"label_scores_{tag}"] = _rel_err(got, want)
-        idx = ds_topk(want, inp.lens, shape.keep(ctx))
         # Equal scores may tie at the k-th place, so compare the chosen scores rather than the positions.
-        chosen = want.gather(-1, idx.long()).sort(-1).values
-        expected = want.gather(-1, ref.ds_topk(want, inp.lens, shape.keep(ctx)).long()).sort(-1).values
-        errors[f"topk_mismatch_{tag}"] = 0.0 if torch.equal(chosen, expected) else 1.0
+        for scores in (want, want.to(torch.bfloat16)):
+            expected = scores.gather(-1, ref.ds_topk(scores, inp.lens, shape.keep(ctx)).long()).sort(-1).values
+            for method in ("torch", "radix"):
+                chosen = scores.gather(-1, ds_topk(scores, inp.lens, shape.keep(ctx), method).long()).sort(-1).values
+                name = f"topk_mismatch_{method}_{str(scores.dtype).removeprefix('torch.')}_{tag}"
+                errors[name] = 0.0 if torch.equal(chosen, expected) else 1.0
+        idx = ds_topk(want, inp.lens, shape.keep(ctx))
         out = torch.full_like(inp.q, float("nan"))
         ds_sparse_attention(inp.q, inp.k, inp.v, inp.tables, idx, scale, out=out)
         per_head = idx.repeat_interleave(shape.group, 1) if shared else idx
@@ -155,6 +158,7 @@ def time_config(shape: OpShape, batch: int, ctx: int, seed: int = 0) -> dict[str
         "ds_head_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, False)),
         "ds_kv_group_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, True)),
         "ds_kv_group_s16_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, True, torch.bfloat16)),
+        "ds_kv_group_s16_radix_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, True, torch.bfloat16, "radix")),
     }
     for shared, tag in ((False, ""), (True, "_kv_group")):
         ql = q_labels(inp, shape, shared)
@@ -163,6 +167,7 @@ def time_config(shape: OpShape, batch: int, ctx: int, seed: int = 0) -> dict[str
         us[f"stage_scores{tag}_us"] = _bench_ms(
             lambda: ds_label_scores(ql, inp.labels, inp.tables, inp.lens, max_seq_len=ctx))  # noqa: B023
         us[f"stage_topk{tag}_us"] = _bench_ms(lambda: ds_topk(scores, inp.lens, keep))  # noqa: B023
+        us[f"stage_topk_radix{tag}_us"] = _bench_ms(lambda: ds_topk(scores, inp.lens, keep, "radix"))  # noqa: B023
         us[f"stage_sparse{tag}_us"] = _bench_ms(
             lambda: ds_sparse_attention(inp.q, inp.k, inp.v, inp.tables, idx, scale))  # noqa: B023
     us = {name: ms * 1e3 for name, ms in us.items()}
@@ -170,6 +175,7 @@ def time_config(shape: OpShape, batch: int, ctx: int, seed: int = 0) -> dict[str
             "speedup_head": us["dense_us"] / us["ds_head_us"],
             "speedup_kv_group": us["dense_us"] / us["ds_kv_group_us"],
             "speedup_kv_group_s16": us["dense_us"] / us["ds_kv_group_s16_us"],
+            "speedup_kv_group_s16_radix": us["dense_us"] / us["ds_kv_group_s16_radix_us"],
             "dense_gb_s": shape.kv_bytes(batch, ctx) / us["dense_us"] / 1e3}
 
 

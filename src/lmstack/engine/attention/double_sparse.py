@@ -87,6 +87,7 @@ class DoubleSparseConfig:
     selection: str = "head"  # head: top-k per query head; kv_group: one list per KV head from the group's summed scores
     score_bits: int = 32  # 16: approximate scores stored in bf16, halving the top-k's bytes (ties may reorder)
     kernels: str = "auto"  # auto: Triton on CUDA when available; torch: the reference everywhere
+    topk: str = "torch"  # Triton path's top-k: torch (torch.topk) or radix (radix_topk); the reference: torch.topk
 
     def __post_init__(self) -> None:
         self.token_budget = parse_budget(self.token_budget)
@@ -101,6 +102,8 @@ class DoubleSparseConfig:
         if self.selection not in SELECTIONS:
             raise LmstackError(f"double_sparse selection must be one of {', '.join(SELECTIONS)}, "
                                f"got {self.selection!r}")
+        if self.topk not in ("torch", "radix"):
+            raise LmstackError(f"double_sparse topk must be torch or radix, got {self.topk!r}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise LmstackError(f"double_sparse kernels must be auto, torch or triton, got {self.kernels!r}")
         if not all(isinstance(i, int) and i >= 0 for i in self.dense_layers):
@@ -313,7 +316,10 @@ class DoubleSparseAttention(AttentionBackend):
         out_dtype = torch.bfloat16 if self.config.score_bits == 16 else torch.float32
         scores = self.ops.ds_label_scores(q_label, labels, block_tables, seq_lens, label_scale,
                                           max_seq_len=max(seq_lens_cpu), out_dtype=out_dtype)  # [b, rows, S]
-        idx = self.ops.ds_topk(scores, seq_lens, max(keeps))
+        if self.ops is ref:
+            idx = ref.ds_topk(scores, seq_lens, max(keeps))
+        else:
+            idx = self.ops.ds_topk(scores, seq_lens, max(keeps), method=self.config.topk)
         if min(keeps) < max(keeps):
             idx = _trim_to_budget(idx, scores, keeps)
         return self.ops.ds_sparse_attention(q, k_cache, v_cache, block_tables, idx, scale)

@@ -6,7 +6,8 @@ Hq query heads, Hkv KV heads (group G = Hq // Hkv), D head dim, r label channels
 - `ds_label_scores`: grid (B, S tiles). One program reads a tile of every KV head's labels (contiguous per
   token) once and scores it for all query rows with one block-diagonal tensor-core dot ([rows, Hkv r] x
   [Hkv r, tile]).
-- `ds_topk`: `torch.topk(sorted=False)` (a radix select on the GPU), plus an exact shortcut for rows whose
+- `ds_topk`: `torch.topk(sorted=False)`, or with method="radix" our own radix select (`radix_topk`: a few
+  histogram passes and a compaction, each reading the scores once), plus an exact shortcut for rows whose
   context fits in the budget: every position is kept, in order, with the -1 tail. No host sync.
 - `ds_sparse_attention`: flash-decoding over the selected positions only. idx has one row per query head
   (the contract) or one per KV head (`kv_group` selection: the group shares its tokens, so each gathered K/V
@@ -23,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmstack.engine.attention.radix_topk import radix_topk
 from lmstack.engine.attention.triton_paged import (
     _LOG2E,
     _MAX_SPLITS,
@@ -32,6 +34,7 @@ from lmstack.engine.attention.triton_paged import (
     choose_num_splits,
 )
 
+TOPK_METHODS = ("torch", "radix")
 _SCORE_TILE = 256  # tokens per label-scoring program (fewer when Hkv x r is wide)
 
 
@@ -144,13 +147,16 @@ def ds_label_scores(
     return out
 
 
-def ds_topk(scores: torch.Tensor, seq_lens: torch.Tensor, k: int) -> torch.Tensor:
+def ds_topk(scores: torch.Tensor, seq_lens: torch.Tensor, k: int, method: str = "torch") -> torch.Tensor:
     """Positions of the k best scores per row, in no particular order; see `double_sparse_ref.ds_topk`.
 
     scores [B, H, S_max] · seq_lens [B] → idx [B, H, k] int32. A row whose seq_len <= k keeps every position
-    0..seq_len-1 in order and ends in -1; longer rows take torch's radix select over finite scores only, so
-    no position >= seq_len (score -inf) can win. Nothing is read back to the host.
+    0..seq_len-1 in order and ends in -1; longer rows take the k best of positions < seq_len, by `torch.topk`
+    (method "torch": finite scores only, so no position >= seq_len, score -inf, can win) or by `radix_topk`
+    (method "radix", which reads positions < seq_len only). Nothing is read back to the host.
     """
+    if method not in TOPK_METHODS:
+        raise ValueError(f"top-k method must be one of {', '.join(TOPK_METHODS)}, got {method!r}")
     batch, n_heads, s_max = scores.shape
     if k < 1:
         raise ValueError(f"top-k needs k >= 1, got {k}")
@@ -159,7 +165,10 @@ def ds_topk(scores: torch.Tensor, seq_lens: torch.Tensor, k: int) -> torch.Tenso
     whole = torch.where(arange < lens, arange, -1).expand(batch, n_heads, k)  # [B, H, k]: rows within budget
     if s_max <= k:
         return whole.contiguous()
-    top = scores.topk(k, dim=-1, sorted=False).indices.to(torch.int32)  # [B, H, k]
+    if method == "radix":
+        top = radix_topk(scores, seq_lens, k)  # [B, H, k]; rows with seq_len <= k unwritten: `whole` has them
+    else:
+        top = scores.topk(k, dim=-1, sorted=False).indices.to(torch.int32)  # [B, H, k]
     return torch.where(lens <= k, whole, top)
 
 
