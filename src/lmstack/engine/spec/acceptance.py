@@ -68,6 +68,18 @@ class Acceptance:
             h = (a + self.request_shrink * h) / (t + self.request_shrink)
         return np.cumprod(h)
 
+    def survivals(self, keys: list[Any]) -> np.ndarray:
+        """[len(keys), max_k]: `survival` of every request at once (the controller asks for a whole batch)."""
+        hazards = np.stack([self.hazards(state) for state in range(len(STATES))])  # [states, K]
+        states = np.full(len(keys), NEW)
+        a, t = np.zeros((len(keys), self.max_k)), np.zeros((len(keys), self.max_k))
+        for i, key in enumerate(keys):
+            own = self.per_request.get(key)
+            if own is not None:
+                states[i], a[i], t[i] = own
+        h = (a + self.request_shrink * hazards[states]) / (t + self.request_shrink)  # no history of its own: h
+        return np.cumprod(h, axis=1)
+
     def observe(self, key: Any, proposed: int, accepted: int) -> None:
         """Request `key` proposed `proposed` tokens and the target accepted the first `accepted` of them."""
         if proposed <= 0:

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from lmstack.atomic import write_text_atomic
-from lmstack.engine.spec.acceptance import Acceptance, expected_tokens, merge_tables
+from lmstack.engine.spec.acceptance import Acceptance, merge_tables
 from lmstack.errors import LmstackError
 
 FEATURES = ("intercept", "batched_tokens", "kv_tokens", "draft_forwards", "draft_tokens", "mixed", "mixed_seqs")
@@ -105,18 +105,17 @@ def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     gram, rhs, yy = xs.T @ xs, xs.T @ yw, float(yw @ yw)
     best, best_err = np.zeros(x.shape[1]), yy
     for size in range(1, x.shape[1] + 1):
-        for cols in itertools.combinations(range(x.shape[1]), size):
-            idx = list(cols)
-            g, r = gram[np.ix_(idx, idx)], rhs[idx]
-            try:
-                c = np.linalg.solve(g, r)
-            except np.linalg.LinAlgError:  # a feature that never varied (e.g. no draft model): singular
-                c, *_ = np.linalg.lstsq(g, r, rcond=None)
-            if np.all(c >= 0):
-                err = yy - 2.0 * float(c @ r) + float(c @ g @ c)
-                if err < best_err - 1e-12 * yy:
-                    best, best_err = np.zeros(x.shape[1]), err
-                    best[idx] = c
+        subsets = np.array(list(itertools.combinations(range(x.shape[1]), size)))  # [n, size]
+        g = gram[subsets[:, :, None], subsets[:, None, :]]  # [n, size, size]
+        r = rhs[subsets]  # [n, size]
+        # Least squares on every support at once; pinv also covers a feature that never varied (e.g. no draft
+        # model), where the normal equations are singular.
+        c = (np.linalg.pinv(g) @ r[:, :, None])[:, :, 0]
+        errs = yy - 2.0 * (c * r).sum(1) + (c[:, None, :] @ g @ c[:, :, None])[:, 0, 0]
+        for i in np.flatnonzero((c >= 0).all(1)):
+            if errs[i] < best_err - 1e-12 * yy:
+                best, best_err = np.zeros(x.shape[1]), float(errs[i])
+                best[subsets[i]] = c[i]
     return best / scale
 
 
@@ -265,13 +264,18 @@ class SmartSpec(Controller):
         linear = max(float(features @ self.coef), 1e-9)
         return linear * self.correction.get(correction_group(k, num_decodes), 1.0)
 
-    def goodput(self, shape: StepShape, k: int | Seq[int], survivals: Seq[np.ndarray] | None = None) -> float:
+    def goodput(self, shape: StepShape, k: int | Seq[int], survivals: Seq[np.ndarray] | np.ndarray | None = None
+                ) -> float:
         """Predicted tokens per second of the step at proposal length k (or per-request lengths); `survivals`
         (per decode request, P(its first n proposals accepted) for n = 1..K) default to the tracked ones."""
         if survivals is None:
-            survivals = [self.acceptance.survival(key) for key in shape.keys]
+            survivals = self.acceptance.survivals(shape.keys)
         lengths = [min(k, c) for c in shape.caps] if isinstance(k, int) else list(k)
-        tokens = shape.num_other_samples + sum(expected_tokens(s, n) for s, n in zip(survivals, lengths, strict=True))
+        return self._goodput(shape, lengths, _expected_table(survivals))
+
+    def _goodput(self, shape: StepShape, lengths: list[int], expected: np.ndarray) -> float:
+        """`goodput` with `expected[i, n]` = tokens request i emits when it proposes n (`_expected_table`)."""
+        tokens = shape.num_other_samples + float(expected[np.arange(len(lengths)), lengths].sum())
         return tokens / self.predict(self.features(shape, lengths), max(lengths, default=0), len(shape.caps))
 
     def choose(self, shape: StepShape) -> int:
@@ -284,8 +288,9 @@ class SmartSpec(Controller):
         if self.coef is None:  # measuring: cycle through every k
             self._cycle += 1
             return [min(self._cycle % (self.max_k + 1), c) for c in shape.caps]
-        survivals = [self.acceptance.survival(key) for key in shape.keys]
-        options = [self.trim(shape, k, survivals) for k in range(self.max_k + 1)]
+        survivals = self.acceptance.survivals(shape.keys)
+        expected = _expected_table(survivals)
+        options = [self.trim(shape, k, survivals, expected) for k in range(self.max_k + 1)]
         best = max(range(len(options)), key=lambda k: options[k][0])
         lengths = options[best][1]
         self._zero_streak = self._zero_streak + 1 if max(lengths) == 0 else 0
@@ -294,7 +299,8 @@ class SmartSpec(Controller):
             return [min(1, c) for c in shape.caps]
         return lengths
 
-    def trim(self, shape: StepShape, k: int, survivals: Seq[np.ndarray]) -> tuple[float, list[int]]:
+    def trim(self, shape: StepShape, k: int, survivals: Seq[np.ndarray] | np.ndarray,
+             expected: np.ndarray | None = None) -> tuple[float, list[int]]:
         """Proposal length k, less the proposals that earn less than the step's goodput: (goodput, lengths).
 
         A request's n-th proposed token emits one more token with probability S(n), and costs the step's
@@ -303,7 +309,10 @@ class SmartSpec(Controller):
         average rate raises that rate; the trimmed lengths are kept where the model agrees.
         """
         lengths = [min(k, c) for c in shape.caps]
-        score = self.goodput(shape, lengths, survivals)
+        survivals = np.asarray(survivals, dtype=np.float64).reshape(len(lengths), -1)  # [B, K]
+        if expected is None:
+            expected = _expected_table(survivals)
+        score = self._goodput(shape, lengths, expected)
         if k == 0:
             return score, lengths
         features = self.features(shape, lengths)
@@ -312,19 +321,25 @@ class SmartSpec(Controller):
         if self.draft_forwards:
             one[FEATURES.index("draft_tokens")] = 1.0
         per_token = self.predict(features, k, len(shape.caps)) - self.predict(features - one, k, len(shape.caps))
-        trimmed = list(lengths)
-        for i, s in enumerate(survivals):
-            while trimmed[i] > 0 and s[trimmed[i] - 1] < score * per_token:
-                trimmed[i] -= 1
+        # Survival falls with n, so the proposals worth keeping are a prefix: those whose S(n) reaches the bar.
+        worth = (survivals >= score * per_token).sum(axis=1)
+        trimmed = np.minimum(lengths, worth).tolist()
         if trimmed == lengths:
             return score, lengths
-        trimmed_score = self.goodput(shape, trimmed, survivals)
+        trimmed_score = self._goodput(shape, trimmed, expected)
         return (trimmed_score, trimmed) if trimmed_score > score else (score, lengths)
 
     def _could_pay(self, shape: StepShape, plain: float) -> bool:
         """Whether some k > 0 would beat plain decoding if every proposal were accepted."""
         perfect = [np.ones(self.max_k)] * len(shape.caps)
         return any(self.goodput(shape, k, perfect) > plain for k in range(1, self.max_k + 1))
+
+
+def _expected_table(survivals: Seq[np.ndarray] | np.ndarray) -> np.ndarray:
+    """[B, K + 1]: tokens request i emits on average when it proposes n = 0..K (`expected_tokens` for all n)."""
+    s = np.asarray(survivals, dtype=np.float64)
+    s = s.reshape(len(s), -1)
+    return 1.0 + np.concatenate([np.zeros((len(s), 1)), np.cumsum(s, axis=1)], axis=1)
 
 
 def make_controller(spec_k: int | str, max_k: int, draft_forwards: bool,
