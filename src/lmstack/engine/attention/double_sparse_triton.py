@@ -32,6 +32,7 @@ from lmstack.engine.attention.triton_paged import (
     _kv_tile,
     _sm_count,
     choose_num_splits,
+    online_softmax_tile,
 )
 
 TOPK_METHODS = ("torch", "radix")
@@ -219,16 +220,8 @@ def _sparse_split_kernel(
         block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
         k = tl.load(k_head + block[:, None] * stride_kb + slot[:, None] * stride_kt, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with nothing selected adds nothing
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_head + block[:, None] * stride_vb + slot[:, None] * stride_vt, mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if not SPLIT:

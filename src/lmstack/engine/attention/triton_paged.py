@@ -88,6 +88,22 @@ def choose_num_splits(batch: int, n_kv: int, max_context: int, block_n: int, num
 
 
 @triton.jit
+def online_softmax_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One KV tile of flash-decoding: q [G, D] against k, v [N, D] (rows where `valid` is false count for
+    nothing), folded into the running max m_i [G], sum l_i [G] and output acc [G, D] (base-2 exponents:
+    qk_scale includes log2(e)). A tile with no valid row leaves the state as it was."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     qk_scale,
@@ -133,17 +149,10 @@ def _decode_split_kernel(
         k = tl.load(
             k_head + block[:, None] * stride_kb + slot[:, None] * stride_kt, mask=valid[:, None], other=0.0
         )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_head + block[:, None] * stride_vb + slot[:, None] * stride_vt, mask=valid[:, None], other=0.0
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if not SPLIT:
