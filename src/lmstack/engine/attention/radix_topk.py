@@ -71,7 +71,7 @@ def _histogram_kernel(
     row = tl.program_id(0)
     tile = tl.program_id(1)
     n = tl.load(lens_ptr + row // heads)
-    if n <= k or tile * BLOCK >= n:
+    if (n <= k) | (tile * BLOCK >= n):
         return
     offs = tile * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
@@ -98,7 +98,7 @@ def _compact_kernel(
     row = tl.program_id(0)
     tile = tl.program_id(1)
     n = tl.load(lens_ptr + row // heads)
-    if n <= k or tile * BLOCK >= n:
+    if (n <= k) | (tile * BLOCK >= n):
         return
     offs = tile * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
