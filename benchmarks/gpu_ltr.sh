@@ -22,6 +22,9 @@
 #         generation), then Poisson rates around the measured capacity with the batch capped at MAX_NUM_SEQS.
 #         With RANKER=folder and TEST=held-out file (e.g. a ranker an earlier run returned), no training is needed.
 #         POLICIES: default fcfs,mlfq,ltr,oracle-sjf; ltr+evict and oracle-sjf+evict add the evicting variants.
+#         Traces of NUM_REQUESTS (default 1000) arrivals, long enough for a queue to form at the capacity; runs
+#         that do not fit TOTAL_BUDGET are skipped and a rerun on the still-warm machine does them (the run log
+#         is $WORK/ltr_serving.jsonl), so the whole sweep takes two back-to-back calls.
 # Settings are environment variables; logs go to $OUT/gpu_ltr.log.
 set -uo pipefail
 C=${CARRY:-.carry/ltr}
@@ -115,8 +118,10 @@ fi
 python3 -m lmstack.bench.policies --model "$MODEL" --ranker "$WORK/ranker" --data "$WORK/test.jsonl.gz" \
   --policies "${POLICIES:-fcfs,mlfq,ltr,oracle-sjf}" \
   --device "$DEVICE" --burst-requests "${BURST:-2000}" --burst-max-num-seqs "${BURST_MAX_NUM_SEQS:-256}" \
-  --num-requests "${NUM_REQUESTS:-250}" --max-num-seqs "${MAX_NUM_SEQS:-64}" \
-  --max-prompt-len "${MAX_PROMPT_LEN:-512}" --max-total-len "${MAX_TOTAL_LEN:-1024}" \
-  --rate-fractions "${RATE_FRACTIONS:-0.6,0.8,0.95}" --time-budget "$(( ${TOTAL_BUDGET:-560} - SECONDS > 60 ? ${TOTAL_BUDGET:-560} - SECONDS : 60 ))" \
-  --output "$OUT/ltr_serving.json" 2>&1 | tr "\r" "\n" | grep -v -E "^(generate|Loading)" | tail -40
+  --num-requests "${NUM_REQUESTS:-1000}" --max-num-seqs "${MAX_NUM_SEQS:-64}" \
+  --max-prompt-len "${MAX_PROMPT_LEN:-512}" --max-total-len "${MAX_TOTAL_LEN:-1536}" \
+  --rate-fractions "${RATE_FRACTIONS:-1.0,1.2}" --time-budget "$(( ${TOTAL_BUDGET:-560} - SECONDS > 60 ? ${TOTAL_BUDGET:-560} - SECONDS : 60 ))" \
+  --output "$WORK/ltr_serving.json" 2>&1 | tr "\r" "\n" | grep -v -E "^(generate|Loading)" | tail -60
+# The run log stays in $WORK: a rerun on the still-warm machine skips every finished run and does the rest.
+cp "$WORK"/ltr_serving.json* "$WORK"/ltr_serving.png "$OUT/" 2>/dev/null
 echo "done at ${SECONDS}s"

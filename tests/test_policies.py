@@ -247,14 +247,12 @@ def test_ltr_starvation_boosts_order_admission_but_never_evict() -> None:
 def test_ltr_once_starved_request_keeps_its_slot() -> None:
     policy = _ltr({"p0": 9.0, "p1": 1.0}, starvation_steps=2, quantum=1, preempt=True)
     sched = _sched(policy, max_num_seqs=1)
-    sched.add([_seq(1, 4)])
-    _wait_scored(policy, 1)
-    sched.add([_seq(0, 30)])
-    _wait_scored(policy, 2)
-    while not (sched.running and sched.running[0].request_id == "0"):  # starves, then runs once "1" is done
+    sched.add([_seq(0, 30), _seq(1, 4), _seq(3, 4, prompt="p1")])  # "1" and "3" arrive later and rank better
+    _wait_scored(policy, 3)
+    while not (sched.running and sched.running[0].request_id == "0"):  # passed over twice: boosted, then runs
         assert not _step(sched).preempted
     sched.add([_seq(2, 3, prompt="p1")])  # a better-ranked newcomer
-    _wait_scored(policy, 3)
+    _wait_scored(policy, 4)
     assert not _step(sched).preempted and sched.running[0].request_id == "0"
     policy.close()
 
@@ -317,6 +315,24 @@ def test_starvation_guard_bounds_the_wait_of_a_long_request() -> None:
     assert longest <= 20 + 1  # boosted once its wait reaches the threshold, and oldest among the boosted
     unguarded_longest, unguarded_finished = _adversarial_max_wait(starvation_steps=10**6, quantum=8)
     assert not unguarded_finished and unguarded_longest > 500  # without the guard it starves
+
+
+def test_ltr_waiting_behind_a_full_batch_does_not_count_as_starvation() -> None:
+    # Ranks agree with arrival order, so each admission takes the oldest waiting request: the queue waits far
+    # longer than starvation_steps, but nobody is passed over, so nobody is boosted and a better-ranked newcomer
+    # still goes first. (Counting every waiting step boosted the whole queue ahead of it: FCFS plus a delay.)
+    policy = _ltr({f"p{i}": float(i + 1) for i in range(5)} | {"p5": 0.0}, starvation_steps=3, quantum=2)
+    sched = _sched(policy, max_num_seqs=1)
+    sched.add([_seq(i, 8) for i in range(5)])
+    _wait_scored(policy, 5)
+    finished: list[str] = []
+    for _ in range(12):  # "0" finishes; "1" runs; "2".."4" have waited 12 steps
+        _step(sched, finished)
+    assert finished == ["0"] and sched.running[0].request_id == "1"
+    sched.add([_seq(5, 8)])
+    _wait_scored(policy, 6)
+    assert finished + _drain(sched) == ["0", "1", "5", "2", "3", "4"]
+    policy.close()
 
 
 def test_ltr_validates_its_options() -> None:
@@ -519,9 +535,18 @@ def test_bench_policies_writes_results_and_resumes_from_its_log(tmp_path) -> Non
     assert set(saved["metrics"]["burst"]) == {"fcfs", "oracle-sjf", "oracle-sjf+evict"}
     assert saved["metrics"]["burst"]["fcfs"]["makespan_s"] > 0
     assert set(saved["metrics"]["evict_over_no_evict_latency"]) == {"oracle-sjf"}
+    ratios = saved["metrics"]["ratios_by_rate"]
+    assert [r["rate_req_s"] for r in ratios] == [r["rate_req_s"] for r in saved["metrics"]["by_rate"]]
+    for row, by_rate in zip(ratios, saved["metrics"]["by_rate"], strict=True):
+        expected = by_rate["fcfs"]["mean_e2e_ms"] / by_rate["oracle-sjf"]["mean_e2e_ms"]
+        assert row["mean_latency_fcfs_over_oracle"] == pytest.approx(expected)
+        assert row["mean_latency_fcfs_over_ltr"] is None  # ltr was not run
+    top = ratios[-1]
+    assert saved["metrics"]["mean_latency_fcfs_over_oracle"] == pytest.approx(top["mean_latency_fcfs_over_oracle"])
     log = out.with_suffix(".jsonl")
     assert len(log.read_text().splitlines()) == 9  # (burst + 2 rates) x 3 policies, one record each
     assert again["by_rate"] == metrics["by_rate"]
+    assert metrics["num_processes"] == again["num_processes"] == 1  # the second call ran nothing
     runs = [json.loads(line) for line in log.read_text().splitlines()]
     assert all(r["metrics"]["preemptions"] == 0 for r in runs if r["policy"] == "oracle-sjf")  # no memory pressure
     for bad in ("fcfs+evict", "ltr+swap", "nope"):

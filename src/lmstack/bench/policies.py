@@ -16,8 +16,10 @@ with `--num-kv-blocks`) as a deployment sized for its latency target would.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shlex
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,9 @@ class _Runner:
         self.llm = LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, seed=args.seed,
                        max_num_seqs=max(args.max_num_seqs, args.burst_max_num_seqs), **engine_kwargs)
         self.args, self.log, self.config = args, log, config
+        # Which process ran a logged run: runs resumed from a log may come from several, and on the H200 the same
+        # run differed by 10-25% between processes, so the results say how many there were.
+        self.process = f"{socket.gethostname()}:{os.getpid()}:{time.strftime('%Y-%m-%dT%H:%M:%S')}"
         self.done = _read_log(log, config, args.ranker)
         self.ranker, self.ranker_device = None, "cpu"
         if args.ranker:
@@ -219,7 +224,8 @@ class _Runner:
                            ranker_batches=stats.num_batches, ranker_busy_s=stats.busy_s, ranker_gpu_s=stats.gpu_s,
                            ranker_ms_per_request=1e3 * stats.busy_s / max(stats.num_scored, 1),
                            ranker_share_of_step_time=stats.busy_s / max(result.step_s, 1e-9))
-        record = {"config": self.config, "scenario": scenario, "rate": rate, "policy": policy_name,
+        record = {"config": self.config, "process": self.process, "scenario": scenario, "rate": rate,
+                  "policy": policy_name,
                   "ranker": self.args.ranker if base_policy(policy_name)[0] == "ltr" else None,
                   "metrics": metrics, "finish_s": [round(t, 4) for t in sorted(result.finish)]}
         append_run(self.log, record)

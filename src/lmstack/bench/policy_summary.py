@@ -12,6 +12,11 @@ _KEEP = ("mean_e2e_ms", "p90_e2e_ms", "p99_e2e_ms", "mean_ttft_ms", "p90_ttft_ms
          "steps", "mean_step_ms", "ranker_ms_per_request", "ranker_share_of_step_time")
 
 
+# (name, numerator policy, denominator policy) of the mean E2E latency ratios reported at each rate.
+_RATE_RATIOS = (("mean_latency_fcfs_over_ltr", "fcfs", "ltr"), ("mean_latency_fcfs_over_oracle", "fcfs", "oracle-sjf"),
+                ("ltr_over_oracle_latency", "ltr", "oracle-sjf"), ("mean_latency_mlfq_over_ltr", "mlfq", "ltr"))
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -57,6 +62,13 @@ def summary_metrics(burst: dict[str, dict[str, Any]], sweep: dict[float, dict[st
     m["rates_req_s"] = rates
     m["by_rate"] = [{"rate_req_s": r, "fraction_of_capacity": _ratio(r, capacity),
                      **{p: _pick(run) for p, run in sweep[r].items()}} for r in rates]
+    # The ordering's effect at every rate, not only the headline one: it grows with the queue, so it is near 1
+    # while arrivals find free slots and largest once requests wait.
+    m["ratios_by_rate"] = [
+        {"rate_req_s": r, "fraction_of_capacity": _ratio(r, capacity),
+         **{name: _ratio(_metric(sweep[r], a, "mean_e2e_ms"), _metric(sweep[r], b, "mean_e2e_ms"))
+            for name, a, b in _RATE_RATIOS},
+         "mean_ttft_fcfs_ms": _metric(sweep[r], "fcfs", "mean_ttft_ms")} for r in rates]
     sustainable = [r for r in rates if capacity is None or r <= capacity]
     if sustainable:
         top = max(sustainable)
@@ -65,6 +77,8 @@ def summary_metrics(burst: dict[str, dict[str, Any]], sweep: dict[float, dict[st
         m["mean_latency_fcfs_over_ltr"] = _ratio(_metric(at, "fcfs", "mean_e2e_ms"), _metric(at, "ltr", "mean_e2e_ms"))
         m["p90_latency_fcfs_over_ltr"] = _ratio(_metric(at, "fcfs", "p90_e2e_ms"), _metric(at, "ltr", "p90_e2e_ms"))
         m["mean_ttft_fcfs_over_ltr"] = _ratio(_metric(at, "fcfs", "mean_ttft_ms"), _metric(at, "ltr", "mean_ttft_ms"))
+        m["mean_latency_fcfs_over_oracle"] = _ratio(_metric(at, "fcfs", "mean_e2e_ms"),
+                                                    _metric(at, "oracle-sjf", "mean_e2e_ms"))
         m["ltr_over_oracle_latency"] = _ratio(_metric(at, "ltr", "mean_e2e_ms"),
                                               _metric(at, "oracle-sjf", "mean_e2e_ms"))
         m["mean_latency_mlfq_over_ltr"] = _ratio(_metric(at, "mlfq", "mean_e2e_ms"), _metric(at, "ltr", "mean_e2e_ms"))
@@ -73,8 +87,10 @@ def summary_metrics(burst: dict[str, dict[str, Any]], sweep: dict[float, dict[st
             p.removesuffix("+evict"): _ratio(_metric(at, p, "mean_e2e_ms"), _metric(at, p.removesuffix("+evict"),
                                                                                    "mean_e2e_ms"))
             for p in policies if p.endswith("+evict")}
-    ltr_runs = [run["metrics"] for run in [*burst.values(), *(r for s in sweep.values() for r in s.values())]
-                if "ranker_busy_s" in run["metrics"]]
+    runs = [*burst.values(), *(r for s in sweep.values() for r in s.values())]
+    # Logs written before runs named their process count as one unnamed process.
+    m["num_processes"] = len({run.get("process") for run in runs})
+    ltr_runs = [run["metrics"] for run in runs if "ranker_busy_s" in run["metrics"]]
     if ltr_runs:
         busy = sum(r["ranker_busy_s"] for r in ltr_runs)
         scored = sum(r["ranker_scored"] for r in ltr_runs)
@@ -133,9 +149,16 @@ def print_table(metrics: dict[str, Any], output: Path) -> None:
             print(f"{label:<14}{p:<18}{t['mean_e2e_ms'] / 1e3:>11.2f}{t['p90_e2e_ms'] / 1e3:>11.2f}"
                   f"{t['mean_ttft_ms'] / 1e3:>9.2f}{t['max_stall_ms'] / 1e3:>12.2f}{t['makespan_s']:>11.1f}"
                   f"{t['preemptions']:>8}")
-    for key in ("capacity_req_s", "highest_sustainable_rate_req_s", "mean_latency_fcfs_over_ltr",
-                "p90_latency_fcfs_over_ltr", "ltr_over_oracle_latency", "mean_latency_mlfq_over_ltr",
-                "burst_throughput_ltr_over_fcfs", "burst_mean_latency_fcfs_over_ltr",
+    if metrics.get("ratios_by_rate"):
+        print(f"{'rate req/s':>11}{'x capacity':>11}" + "".join(f"{name:>32}" for name, _, _ in _RATE_RATIOS))
+        for row in metrics["ratios_by_rate"]:
+            cells = "".join(f"{row[name]:>32.3f}" if row[name] is not None else f"{'-':>32}"
+                            for name, _, _ in _RATE_RATIOS)
+            frac = row["fraction_of_capacity"]
+            print(f"{row['rate_req_s']:>11.2f}{frac if frac is not None else float('nan'):>11.2f}{cells}")
+    for key in ("num_processes", "capacity_req_s", "highest_sustainable_rate_req_s", "mean_latency_fcfs_over_ltr",
+                "p90_latency_fcfs_over_ltr", "mean_latency_fcfs_over_oracle", "ltr_over_oracle_latency",
+                "mean_latency_mlfq_over_ltr", "burst_throughput_ltr_over_fcfs", "burst_mean_latency_fcfs_over_ltr",
                 "burst_early_completions_ltr_over_fcfs", "ranker_ms_per_request", "ranker_share_of_step_time"):
         value = metrics.get(key)
         if value is not None:

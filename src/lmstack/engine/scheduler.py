@@ -153,6 +153,8 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
             admitted += 1
+        if admitted:
+            self.policy.on_admit(self.waiting[:admitted])
         del self.waiting[:admitted]
 
     def finish(self, seq: Sequence, reason: str) -> None:

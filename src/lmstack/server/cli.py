@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranker", help="ltr: trained LengthRanker folder (from `lmstack ltr train`)")
     parser.add_argument("--ranker-device", help="ltr: device of the ranker (default: cuda if present, else cpu)")
     parser.add_argument("--starvation-steps", type=int,
-                        help="ltr/mlfq: steps a request may wait before it is given priority (default 256)")
+                        help="ltr: steps a request may be passed over (a later arrival admitted while it "
+                             "waits) before it is given priority; mlfq: steps it may wait (default 256)")
     parser.add_argument("--quantum", type=int, help="ltr: steps of priority a starved request gets (default 64)")
     parser.add_argument("--rank-preemption", action="store_true", default=None,
                         help="ltr: a better-ranked waiting request evicts the worst-ranked running one from a full "

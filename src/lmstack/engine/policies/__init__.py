@@ -37,6 +37,9 @@ class Policy(ABC):
     def on_step(self, step: int, waiting: list[Sequence], running: list[Sequence]) -> None:
         """Called at the start of every scheduling step."""
 
+    def on_admit(self, seqs: list[Sequence]) -> None:
+        """Called with the waiting requests a step admits to the batch (never empty), in admission order."""
+
     def outranks(self, newcomer: Sequence, running: Sequence) -> bool:
         """Whether a waiting request may evict a running one from a full batch (preemptive policies only)."""
         return self.key(newcomer) < self.key(running)
