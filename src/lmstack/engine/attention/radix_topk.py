@@ -62,19 +62,26 @@ def _prefix(hist_ptr, row, num_rows, k, PASSES: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def _tile(lens_ptr, heads, k, BLOCK: tl.constexpr):
+    """This program's row and positions, which of them are inside the row, and whether the tile has no work:
+    past the row's end, or in a row of at most k keys (those are the caller's)."""
+    row = tl.program_id(0)
+    tile = tl.program_id(1)
+    n = tl.load(lens_ptr + row // heads)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    return row, offs, offs < n, (n <= k) | (tile * BLOCK >= n)
+
+
+@triton.jit
 def _histogram_kernel(
     scores_ptr, lens_ptr, hist_ptr,
     num_rows, heads, k, stride_r,
     PASS: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
 ):
     """Grid (rows, tiles): adds the digit-PASS histogram of this tile's keys that carry the prefix so far."""
-    row = tl.program_id(0)
-    tile = tl.program_id(1)
-    n = tl.load(lens_ptr + row // heads)
-    if (n <= k) | (tile * BLOCK >= n):
+    row, offs, valid, idle = _tile(lens_ptr, heads, k, BLOCK)
+    if idle:
         return
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
     x = tl.load(scores_ptr + row * stride_r + offs, mask=valid, other=0.0).to(tl.float32)
     key = _order_key(x)
     shift = 32 - _DIGIT * (PASS + 1)
@@ -95,13 +102,9 @@ def _compact_kernel(
     PASSES: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr,
 ):
     """Grid (rows, tiles): writes this tile's positions above the k-th key, and its share of the ties."""
-    row = tl.program_id(0)
-    tile = tl.program_id(1)
-    n = tl.load(lens_ptr + row // heads)
-    if (n <= k) | (tile * BLOCK >= n):
+    row, offs, valid, idle = _tile(lens_ptr, heads, k, BLOCK)
+    if idle:
         return
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
     x = tl.load(scores_ptr + row * stride_r + offs, mask=valid, other=0.0).to(tl.float32)
     prefix, need = _prefix(hist_ptr, row, num_rows, k, PASSES, NB)
     low = 32 - _DIGIT * PASSES  # bits no pass looked at: constant within a 16-bit float
