@@ -542,6 +542,7 @@ def test_bench_policies_writes_results_and_resumes_from_its_log(tmp_path) -> Non
         assert row["mean_latency_fcfs_over_oracle"] == pytest.approx(expected)
         assert row["mean_latency_fcfs_over_ltr"] is None  # ltr was not run
     top = ratios[-1]
+    assert saved["metrics"]["highest_sustainable_rate_req_s"] == saved["metrics"]["headline_rate_req_s"]
     assert saved["metrics"]["mean_latency_fcfs_over_oracle"] == pytest.approx(top["mean_latency_fcfs_over_oracle"])
     log = out.with_suffix(".jsonl")
     assert len(log.read_text().splitlines()) == 9  # (burst + 2 rates) x 3 policies, one record each
