@@ -77,14 +77,10 @@ def summary_metrics(burst: dict[str, dict[str, Any]], sweep: dict[float, dict[st
         # or, with no capacity measured (rates given outright), the highest rate, which may be an overload.
         m["headline_rate_req_s"] = top
         m["highest_sustainable_rate_req_s"] = top if capacity is not None else None
-        m["mean_latency_fcfs_over_ltr"] = _ratio(_metric(at, "fcfs", "mean_e2e_ms"), _metric(at, "ltr", "mean_e2e_ms"))
+        headline = next(row for row in m["ratios_by_rate"] if row["rate_req_s"] == top)
+        m.update({name: headline[name] for name, _, _ in _RATE_RATIOS})
         m["p90_latency_fcfs_over_ltr"] = _ratio(_metric(at, "fcfs", "p90_e2e_ms"), _metric(at, "ltr", "p90_e2e_ms"))
         m["mean_ttft_fcfs_over_ltr"] = _ratio(_metric(at, "fcfs", "mean_ttft_ms"), _metric(at, "ltr", "mean_ttft_ms"))
-        m["mean_latency_fcfs_over_oracle"] = _ratio(_metric(at, "fcfs", "mean_e2e_ms"),
-                                                    _metric(at, "oracle-sjf", "mean_e2e_ms"))
-        m["ltr_over_oracle_latency"] = _ratio(_metric(at, "ltr", "mean_e2e_ms"),
-                                              _metric(at, "oracle-sjf", "mean_e2e_ms"))
-        m["mean_latency_mlfq_over_ltr"] = _ratio(_metric(at, "mlfq", "mean_e2e_ms"), _metric(at, "ltr", "mean_e2e_ms"))
         m["max_stall_ltr_over_fcfs"] = _ratio(_metric(at, "ltr", "max_stall_ms"), _metric(at, "fcfs", "max_stall_ms"))
         m["evict_over_no_evict_latency"] = {
             p.removesuffix("+evict"): _ratio(_metric(at, p, "mean_e2e_ms"), _metric(at, p.removesuffix("+evict"),
