@@ -28,6 +28,7 @@ from lmstack.engine.spec.controller import (
     save_profile,
     step_features,
 )
+from lmstack.engine.spec.proposers import NgramIndex, Proposal
 from lmstack.engine.spec.rejection import greedy_accept
 from lmstack.errors import LmstackError
 from lmstack.models import load
@@ -119,6 +120,30 @@ def test_draft_loaded_by_name_and_ngram_matches(target, reference) -> None:
     assert lookup([1, 2, 3, 4, 1, 2, 3], 2) == [4, 1]
     assert lookup([1, 2, 3, 4, 9, 2, 3, 5, 2, 3], 1) == [5]  # the most recent match with k tokens after it
     assert lookup([1, 2, 3], 3) == []
+
+
+def _lookup_by_scan(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """Prompt lookup by scanning every window (what the incremental index must agree with)."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        ends = [e for e in range(n, len(tokens)) if tokens[e - n: e] == tokens[len(tokens) - n:]]
+        if ends:
+            full = [e for e in ends if len(tokens) - e >= k]
+            start = full[-1] if full else ends[0]
+            return tokens[start: start + k]
+    return []
+
+
+def test_ngram_index_grown_step_by_step_matches_a_full_scan() -> None:
+    gen = np.random.default_rng(5)
+    for min_n, max_n in ((1, 4), (2, 3)):
+        for _ in range(20):
+            tokens = gen.integers(0, 6, 120).tolist()  # a small vocabulary: many repeats
+            index = NgramIndex(min_n, max_n)
+            length = 1
+            while length < len(tokens):  # grows by 1..4 tokens at a time, like accepted proposals
+                k = int(gen.integers(0, 6))
+                assert index.lookup(tokens[:length], k) == _lookup_by_scan(tokens[:length], k, min_n, max_n)
+                length += int(gen.integers(1, 5))
 
 
 def test_stops_and_max_tokens_cut_accepted_runs(target, reference) -> None:
@@ -246,7 +271,9 @@ def test_greedy_is_the_one_hot_special_case() -> None:
     one_hot = torch.zeros_like(logits).scatter_(2, logits.argmax(-1, keepdim=True), 1.0)
     a1, t1 = rejection_sample(one_hot, draft, n, None, torch.rand(64, 2, generator=gen),
                               torch.empty(64, V).exponential_(generator=gen))
-    a2, t2 = greedy_accept(logits.argmax(-1), draft, n)
+    pairs = [greedy_accept(targets, proposals[:m])
+             for targets, proposals, m in zip(logits.argmax(-1).tolist(), draft.tolist(), n.tolist(), strict=True)]
+    a2, t2 = torch.tensor([a for a, _ in pairs]), torch.tensor([t for _, t in pairs])
     assert torch.equal(a1, a2) and torch.equal(t1, t2)
     assert torch.all(a2 <= n) and torch.all(a2[::3][n[::3] > 0] == 0)
 
@@ -303,6 +330,7 @@ def _planted(c: np.ndarray, draft_forwards: bool = True, seed: int = 0, **kw) ->
             b = int(rng.integers(1, 32))
             f = step_features(b * (k + 1), int(rng.integers(100, 4000)), k, b * k, b if k else 0)
             ctl.observe_step(k, b, f, float(f @ c) * (1 + 0.01 * rng.standard_normal()))
+    ctl.maintain()
     return ctl
 
 
@@ -401,6 +429,7 @@ def _measured(seconds, draft_forwards: bool = False) -> SmartSpec:
                 f = step_features(b * (k + 1), 300 * b + b * k, k if draft_forwards else 0,
                                   b * k if draft_forwards else 0, b if k else 0)
                 ctl.observe_step(k, b, f, seconds(b, k) * (1 + 0.01 * rng.standard_normal()))
+    ctl.maintain()
     return ctl
 
 
@@ -467,7 +496,7 @@ def test_steps_without_proposals_are_plain_steps(target, reference, monkeypatch)
     """When the n-gram lookup finds nothing, no k is worth choosing and the step is the runner's own plain
     step (its sampler; a CUDA graph on GPU), not a speculative one that proposes nothing."""
     engine = _engine(target, spec_k="smart")
-    monkeypatch.setattr(engine.spec.proposer, "lookup", lambda tokens, k: [])
+    monkeypatch.setattr(engine.spec.proposer, "propose", lambda seqs, ks: Proposal([[] for _ in seqs]))
     plain = []
     execute = engine.runner.execute
     monkeypatch.setattr(engine.runner, "execute", lambda *a, **kw: plain.append(1) or execute(*a, **kw))
@@ -482,8 +511,9 @@ def test_free_proposals_are_looked_up_before_choosing(target, reference, monkeyp
     caps are 0 (they neither count as expected tokens nor make the step mixed)."""
     engine = _engine(target, spec_k="smart")
     first = PROMPTS[0]
-    monkeypatch.setattr(engine.spec.proposer, "lookup",
-                        lambda tokens, k: [tokens[-1]] * k if tokens[:len(first)] == first else [])
+    monkeypatch.setattr(engine.spec.proposer, "propose", lambda seqs, ks: Proposal(
+        [[s.token_at(s.num_tokens - 1)] * k if s.prompt_token_ids[:len(first)] == first else []
+         for s, k in zip(seqs, ks, strict=True)]))
     seen = []
     plan = engine.spec.controller.plan
 

@@ -71,7 +71,8 @@ def test_smartspec_keeps_long_proposals_whose_tail_pays() -> None:
     assert ctl.goodput(_shape(8), lengths, true) > 0.97 * ctl.goodput(_shape(8), 5, true)
     pooled = ctl.acceptance.total_accepted / ctl.acceptance.total_tested
     geometric = [pooled ** np.arange(1, 6)] * 8
-    old = max((ctl.trim(_shape(8), k, geometric) for k in range(6)), key=lambda o: o[0])[1]
+    scores, options = ctl.options(_shape(8), geometric)
+    old = options[int(np.argmax(scores))].tolist()
     assert max(old) < 5 and ctl.goodput(_shape(8), old, true) < ctl.goodput(_shape(8), lengths, true)
 
 
@@ -103,3 +104,23 @@ def test_acceptance_counts_travel_in_profiles() -> None:
     warm = make_controller("smart", 5, False)
     warm.load_profile(old)
     assert warm.acceptance.survival("new")[0] == pytest.approx(merged["acceptance"])
+
+
+def test_a_steps_verifications_at_once_count_as_one_by_one() -> None:
+    rng = np.random.default_rng(4)
+    one, many = Acceptance(5), Acceptance(5)
+    for _ in range(30):
+        keys = rng.choice(12, size=int(rng.integers(1, 9)), replace=False).tolist()
+        proposed = rng.integers(0, 6, len(keys)).tolist()
+        accepted = [int(rng.integers(0, p + 1)) for p in proposed]
+        for key, p, a in zip(keys, proposed, accepted, strict=True):
+            one.observe(key, p, a)
+        many.observe_many(keys, proposed, accepted)
+    np.testing.assert_allclose(many.accepted, one.accepted, rtol=1e-12)
+    np.testing.assert_allclose(many.tested, one.tested, rtol=1e-12)
+    np.testing.assert_array_equal(many.table, one.table)
+    assert (many.total_proposed, many.total_accepted, many.total_tested) == (
+        one.total_proposed, one.total_accepted, one.total_tested)
+    np.testing.assert_allclose(many.survivals(list(range(12))), one.survivals(list(range(12))), rtol=1e-12)
+    with pytest.raises(ValueError, match="accepted"):
+        many.observe_many([0, 1], [2, 3], [1, 4])

@@ -47,7 +47,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
               "rates": "0.2,1,4", "num_requests": 12, "max_tokens": 64},
 }
 DEFAULT_POLICIES = "nospec,1,3,5,smart"
-_OPTIONS = ("proposer", "model", "spec_model", "data", "policies", "rates", "repeats", "num_requests",
+_OPTIONS = ("proposer", "model", "spec_model", "data", "data_file", "policies", "rates", "repeats", "num_requests",
             "max_tokens", "max_prompt_len", "max_num_seqs", "spec_max_k", "spec_profile", "temperature", "threads",
             "dtype", "device", "seed")
 
@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=["code", "sharegpt", "quote"], default=None,
                         help="prompts: coding requests, ShareGPT, or wikitext paragraphs to repeat/edit "
                              "(default: code for draft, quote for ngram)")
+    parser.add_argument("--data-file", default=None,
+                        help="the wikitext-2 JSONL the quote prompts come from (default: "
+                             "../shared/data/wikitext2/wikitext-2-raw-v1_test.jsonl)")
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
                         help=f"comma-separated: nospec, smart and fixed k values (default {DEFAULT_POLICIES})")
     parser.add_argument("--rates", default=None,
@@ -119,6 +122,8 @@ def _check(args: argparse.Namespace) -> list[tuple[str, int | str | None]]:
         args.spec_model = args.spec_model or defaults["spec_model"]
     elif args.spec_model is not None:
         raise LmstackError("--spec-model is for --proposer draft")
+    if args.data_file is not None and args.data != "quote":
+        raise LmstackError("--data-file is for --data quote (a wikitext-2 JSONL)")
     for name in ("rates", "num_requests", "max_tokens"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
@@ -150,7 +155,7 @@ def _prompts(args: argparse.Namespace, llm: Any) -> list[list[int]]:
         texts = code_prompts()
         texts = [texts[(args.seed + i) % len(texts)] for i in range(max(n, len(texts)))]
     else:
-        texts = quote_prompts(4 * n, seed=args.seed)
+        texts = quote_prompts(4 * n, seed=args.seed, **({"path": args.data_file} if args.data_file else {}))
     ids = [llm.encode_prompt([{"role": "user", "content": t}])[0] for t in texts]
     ids = [x for x in ids if len(x) <= args.max_prompt_len][:n]
     if len(ids) < n:

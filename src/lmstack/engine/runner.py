@@ -6,6 +6,14 @@ bound (a short bound lets the attention kernel split short contexts finely). All
 block table; each step copies in only the columns its sequences use. A backend that captures lazily (one
 graph per context bucket met) keeps at most `max_lazy_graphs`, dropping the least recently replayed: each
 graph holds its own logits buffer (batch x vocabulary), so a long-running server must not keep them all.
+
+Speculative decoding turns on *chunk graphs* (`enable_chunk_graphs`): a step whose chunks all sample and are
+at most a few tokens long (a verify step: each request's token plus its proposals; a draft's catch-up) replays
+the graph of its (batch size, chunk length) bucket, all captured up front. Such a graph stops at the hidden
+states: the logits of the rows that sample are computed after it, so no graph holds a logits buffer. Every
+row of it has the bucket's length q: a shorter chunk is padded at its end with tokens whose K/V go to the
+reserved slot 0 (causal attention keeps them out of the real tokens' rows), and padding rows are q-token
+sequences at positions 0..q-1, so every value the graph computes stays finite.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from lmstack.engine.attention import ATTENTION_BACKENDS, AttentionBackend, Atten
 from lmstack.engine.config import EngineConfig
 from lmstack.engine.outputs import TokenLogprob
 from lmstack.engine.sampler import Sampler
-from lmstack.engine.scheduler import SchedulerOutput
+from lmstack.engine.scheduler import ScheduledChunk, SchedulerOutput
 from lmstack.errors import LmstackError
 from lmstack.models.config import ModelConfig
 from lmstack.models.llama import LlamaModel
@@ -31,6 +39,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+CHUNK_GRAPH_MAX_ROWS = 512  # tokens (batch bucket x chunk length) of a chunk graph
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -85,6 +94,8 @@ class ModelRunner:
         self.graphs: OrderedDict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self.graph_pool: tuple[int, int] | None = None
         self.graph_contexts = self.backend.graph_contexts(max_model_len)
+        self.chunk_graph_len = 0  # longest chunk a chunk graph replays; 0: chunk graphs off
+        self.chunk_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
         if self.use_graphs:
             self._capture_all()
@@ -208,10 +219,14 @@ class ModelRunner:
     def forward_logits(self, sched: SchedulerOutput, timings: dict[str, float] | None = None) -> torch.Tensor | None:
         """The step's forward; logits [R, V] of the rows that sample, in chunk order (1 + len(spec_tokens) per
         sampling chunk), or None when no chunk samples. Decode steps replay a CUDA graph when one is captured."""
-        if self.use_graphs and sched.is_decode and len(sched.chunks) <= self.max_graph_bs:
+        decode_graph = self.use_graphs and sched.is_decode and len(sched.chunks) <= self.max_graph_bs
+        chunk_shape = None if decode_graph else self._chunk_graph_shape(sched)
+        if decode_graph or chunk_shape is not None:
             if timings is not None:
                 timings["graph_steps"] = timings.get("graph_steps", 0) + 1
-            return self._run_graph(sched)
+                if chunk_shape is not None:
+                    timings["chunk_graph_steps"] = timings.get("chunk_graph_steps", 0) + 1
+            return self._run_graph(sched) if chunk_shape is None else self._run_chunk_graph(sched, *chunk_shape)
         input_ids, positions, meta, rows = self._prepare(sched)
         self.backend.meta = meta
         hidden = self.model(input_ids, positions, self.backend)
@@ -288,3 +303,101 @@ class ModelRunner:
         graph, logits = lru_get(self.graphs, key, lambda: self._capture(*key), limit)
         graph.replay()
         return logits[:n]
+
+    # ----- chunk graphs (speculative steps) -----
+    def enable_chunk_graphs(self, max_len: int) -> None:
+        """Capture chunk graphs for every batch bucket and chunk length 2..`max_len` (CUDA only; a no-op where
+        decode steps run eagerly too, or for a backend without chunk-graph support)."""
+        if not self.use_graphs or not self.backend.supports_chunk_graphs or max_len <= self.chunk_graph_len:
+            return
+        if not self.chunk_graph_len:
+            rows, b, dev = CHUNK_GRAPH_MAX_ROWS, self.max_graph_bs, self.device
+            self.c_ids = torch.zeros(rows, dtype=torch.long, device=dev)
+            self.c_pos = torch.zeros(rows, dtype=torch.long, device=dev)
+            self.c_slots = torch.zeros(rows, dtype=torch.long, device=dev)
+            self.c_seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
+            self.c_qsl = torch.zeros(b + 1, dtype=torch.int32, device=dev)
+            # Staging of ids, positions, slots, sampled rows (rows each), seq_lens (b) and query starts (b + 1).
+            self.c_host = torch.zeros(4 * rows + 2 * b + 1, dtype=torch.long).pin_memory()
+        for q in range(max(2, self.chunk_graph_len + 1), max_len + 1):
+            for bs in (b for b in GRAPH_BATCH_SIZES if b <= self.max_graph_bs and b * q <= CHUNK_GRAPH_MAX_ROWS):
+                self._stage_chunks([], bs, q)  # warm-up inputs: padding rows only
+                self.chunk_graphs[bs, q] = self._capture_chunk(bs, q)
+        torch.cuda.synchronize()
+        self.chunk_graph_len = max_len
+
+    def _chunk_graph_shape(self, sched: SchedulerOutput) -> tuple[int, int] | None:
+        """(batch bucket, chunk length) of the chunk graph that can replay this step, or None (run it eagerly)."""
+        n = len(sched.chunks)
+        if not self.chunk_graph_len or not 0 < n <= self.max_graph_bs:
+            return None
+        q = max(c.num_tokens + len(c.spec_tokens) for c in sched.chunks)
+        if (q > self.chunk_graph_len or (next(b for b in GRAPH_BATCH_SIZES if b >= n), q) not in self.chunk_graphs
+                or not all(c.samples for c in sched.chunks)
+                or any(c.start + q > self.max_model_len for c in sched.chunks)):  # padding must stay in the table
+            return None
+        return next(b for b in GRAPH_BATCH_SIZES if b >= n), q
+
+    def _stage_chunks(self, chunks: list[ScheduledChunk], bs: int, q: int) -> torch.Tensor:
+        """Copy the step's inputs, padded to `bs` rows of `q` tokens, into the static buffers; return the rows
+        whose logits the step samples (device, in chunk order)."""
+        rows, blk = bs * q, self.block_size
+        host = self.c_host[: 4 * rows + 2 * bs + 1]
+        h = host.numpy()
+        ids, pos, slots, picks = (h[i * rows: (i + 1) * rows] for i in range(4))
+        seq_lens, qsl = h[4 * rows: 4 * rows + bs], h[4 * rows + bs:]
+        h[:] = 0  # padding tokens: id 0 into slot 0 (the reserved block)
+        pos[:] = np.tile(np.arange(q), bs)  # padding rows: q-token sequences at positions 0..q-1
+        seq_lens[:] = q
+        qsl[:] = np.arange(bs + 1) * q
+        num_picks = 0
+        if chunks:
+            width = max(len(c.seq.block_table) for c in chunks)
+            host_tables = np.zeros((len(chunks), width), dtype=np.int32)
+            for i, c in enumerate(chunks):
+                tokens = c.seq.tokens(c.start, c.start + c.num_tokens) + c.spec_tokens
+                m, r = len(tokens), i * q
+                p = np.arange(c.start, c.start + q)
+                table = np.asarray(c.seq.block_table)
+                host_tables[i, : len(table)] = table
+                ids[r: r + m] = tokens
+                pos[r: r + q] = p
+                slots[r: r + m] = table[p[:m] // blk] * blk + p[:m] % blk
+                seq_lens[i] = c.start + q
+                own = 1 + len(c.spec_tokens)  # the rows that sample: the chunk's last own token and each proposal
+                picks[num_picks: num_picks + own] = np.arange(r + m - own, r + m)
+                num_picks += own
+            self.s_tables[: len(chunks), :width].copy_(torch.from_numpy(host_tables))
+        dev_h = host.to(self.device, non_blocking=True)
+        self.c_ids[:rows].copy_(dev_h[:rows])
+        self.c_pos[:rows].copy_(dev_h[rows: 2 * rows])
+        self.c_slots[:rows].copy_(dev_h[2 * rows: 3 * rows])
+        self.c_seq_lens[:bs].copy_(dev_h[4 * rows: 4 * rows + bs])
+        self.c_qsl[: bs + 1].copy_(dev_h[4 * rows + bs:])
+        return dev_h[3 * rows: 3 * rows + num_picks]
+
+    def _run_chunk_graph(self, sched: SchedulerOutput, bs: int, q: int) -> torch.Tensor:
+        picks = self._stage_chunks(sched.chunks, bs, q)
+        graph, hidden = self.chunk_graphs[bs, q]
+        graph.replay()
+        return self.model.compute_logits(hidden.index_select(0, picks))  # only the sampled rows: no logits buffer
+
+    def _capture_chunk(self, bs: int, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture the forward (to the last hidden states) of `bs` chunks of `q` tokens from the static buffers."""
+        rows = bs * q
+        meta = AttentionMetadata(
+            slot_mapping=self.c_slots[:rows], query_start_loc=self.c_qsl[: bs + 1], seq_lens=self.c_seq_lens[:bs],
+            block_tables=self.s_tables[:bs], query_start_loc_cpu=list(range(0, rows + 1, q)), seq_lens_cpu=[q] * bs,
+            max_query_len=q, max_seq_len=self.max_model_len, graph_bound=True,
+        )
+        self.backend.meta = meta
+        ids, pos = self.c_ids[:rows], self.c_pos[:rows]
+        with torch.inference_mode():
+            for _ in range(2):  # compile kernels and settle allocations outside the capture
+                self.model(ids, pos, self.backend)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                hidden = self.model(ids, pos, self.backend)
+        self.graph_pool = graph.pool()
+        return graph, hidden

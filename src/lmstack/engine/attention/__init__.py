@@ -43,6 +43,9 @@ class AttentionBackend:
 
     name = "reference"
     supports_cuda_graphs = False
+    # Steps of short chunks that all sample (speculative verification) can be captured too: `paged` reads
+    # every length from the device and takes the padding the runner adds (see runner.py).
+    supports_chunk_graphs = False
     lazy_graphs = False  # capture each (batch size, context bound) graph on first use, not all up front
 
     def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
@@ -208,6 +211,7 @@ class TritonAttention(AttentionBackend):
 
     name = "triton"
     supports_cuda_graphs = True
+    supports_chunk_graphs = True
 
     def paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
               v_cache: torch.Tensor, scale: float) -> torch.Tensor:

@@ -55,22 +55,21 @@ class Acceptance:
 
     def hazards(self, state: int) -> np.ndarray:
         """Global P(proposal j accepted | 1..j-1 accepted) for requests in `state`, j = 1..max_k."""
+        return self._state_hazards()[state]
+
+    def _state_hazards(self) -> np.ndarray:
+        """[states, max_k]: `hazards` of every state at once."""
         m = self.shrink
-        a, t = self.accepted[state], self.tested[state]
-        pooled = (float(a.sum()) + m * self.rate) / (float(t.sum()) + m)
-        return (a + m * pooled) / (t + m)
+        pooled = (self.accepted.sum(axis=1) + m * self.rate) / (self.tested.sum(axis=1) + m)  # [states]
+        return (self.accepted + m * pooled[:, None]) / (self.tested + m)
 
     def survival(self, key: Any) -> np.ndarray:
         """P(proposals 1..j all accepted) for request `key`, j = 1..max_k: its own hazards shrunk to its state's."""
-        state, a, t = self.per_request.get(key, (NEW, None, None))
-        h = self.hazards(state)
-        if a is not None:
-            h = (a + self.request_shrink * h) / (t + self.request_shrink)
-        return np.cumprod(h)
+        return self.survivals([key])[0]
 
     def survivals(self, keys: list[Any]) -> np.ndarray:
         """[len(keys), max_k]: `survival` of every request at once (the controller asks for a whole batch)."""
-        hazards = np.stack([self.hazards(state) for state in range(len(STATES))])  # [states, K]
+        hazards = self._state_hazards()
         states = np.full(len(keys), NEW)
         a, t = np.zeros((len(keys), self.max_k)), np.zeros((len(keys), self.max_k))
         for i, key in enumerate(keys):
@@ -82,25 +81,41 @@ class Acceptance:
 
     def observe(self, key: Any, proposed: int, accepted: int) -> None:
         """Request `key` proposed `proposed` tokens and the target accepted the first `accepted` of them."""
-        if proposed <= 0:
+        self.observe_many([key], [proposed], [accepted])
+
+    def observe_many(self, keys: list[Any], proposed: list[int], accepted: list[int]) -> None:
+        """One step's verifications of distinct requests, as `observe` called for each in turn would count them
+        (the global counts decay once per verification), in a few array operations."""
+        rows = [(key, p, a) for key, p, a in zip(keys, proposed, accepted, strict=True) if p > 0]
+        if not rows:
             return
-        if not 0 <= accepted <= proposed <= self.max_k:
-            raise ValueError(f"need 0 <= accepted ({accepted}) <= proposed ({proposed}) <= max_k ({self.max_k})")
-        tested = min(accepted + 1, proposed)
-        state, a, t = self.per_request.get(key, (NEW, np.zeros(self.max_k), np.zeros(self.max_k)))
-        self.accepted *= self.global_decay
-        self.tested *= self.global_decay
-        for counts, row in ((self.accepted, accepted), (self.tested, tested)):
-            counts[state, :row] += 1.0
-        self.table[0, state, :accepted] += 1.0
-        self.table[1, state, :tested] += 1.0
-        a, t = a * self.request_decay, t * self.request_decay
-        a[:accepted] += 1.0
-        t[:tested] += 1.0
-        self.per_request[key] = (HIT if accepted == proposed else MISS, a, t)
-        self.total_proposed += proposed
-        self.total_accepted += accepted
-        self.total_tested += tested
+        for _, p, a in rows:
+            if not 0 <= a <= p <= self.max_k:
+                raise ValueError(f"need 0 <= accepted ({a}) <= proposed ({p}) <= max_k ({self.max_k})")
+        acc = np.array([a for _, _, a in rows])
+        tested = np.minimum(acc + 1, [p for _, p, _ in rows])
+        states = np.empty(len(rows), dtype=np.int64)
+        for i, (key, p, a) in enumerate(rows):
+            state, own_a, own_t = self.per_request.get(key, (NEW, np.zeros(self.max_k), np.zeros(self.max_k)))
+            states[i] = state
+            own_a, own_t = own_a * self.request_decay, own_t * self.request_decay
+            own_a[:a] += 1.0
+            own_t[: tested[i]] += 1.0
+            self.per_request[key] = (HIT if a == p else MISS, own_a, own_t)
+        position = np.arange(self.max_k)[None, :]
+        acc_mask, test_mask = (position < acc[:, None]).astype(np.float64), (position < tested[:, None]).astype(
+            np.float64)
+        m = len(rows)
+        later = self.global_decay ** np.arange(m - 1, -1, -1)[:, None]  # decays after each verification
+        self.accepted *= self.global_decay**m
+        self.tested *= self.global_decay**m
+        np.add.at(self.accepted, states, acc_mask * later)
+        np.add.at(self.tested, states, test_mask * later)
+        np.add.at(self.table[0], states, acc_mask)
+        np.add.at(self.table[1], states, test_mask)
+        self.total_proposed += sum(p for _, p, _ in rows)
+        self.total_accepted += int(acc.sum())
+        self.total_tested += int(tested.sum())
 
     def forget(self, key: Any) -> None:
         self.per_request.pop(key, None)

@@ -21,8 +21,9 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   tokens, mixed, mixed sequences), fitted by non-negative least squares on relative error from recent steps,
   kept per (k, batch size) so that rarely chosen k values are not forgotten, and refitted every few steps.
   A step is *mixed* when some chunk has more than one token (a prefill, or any proposal at all): it leaves
-  the pure-decode fast path (batched decode attention, a CUDA graph) for per-sequence attention run eagerly,
-  a jump paid once per step and once per sequence in it, whatever k is. A model linear in tokens alone
+  the pure-decode fast path (split-K decode attention; on CUDA its graph) for chunked attention (eager on
+  CPU, a chunk graph per (batch, chunk length) on CUDA), a jump paid once per step and once per sequence in
+  it, whatever k is. A model linear in tokens alone
   spreads that jump over the proposed tokens and so predicts that each extra proposal costs much more than
   it does, which made mid-sized k look better than K. Hardware is still not always linear (on CPU a 2-row
   matrix product can cost twice a 1-row one), so each (speculating or not, decode batch size) group that has
@@ -31,8 +32,8 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   random. The model can be warm-started from a profile file written by an earlier run.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
   for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
-  would win even if every proposal were accepted (e.g. on a GPU where plain decode steps replay a CUDA graph
-  and speculative steps, 10x dearer, run eagerly): then exploring could only cost time.
+  would win even if every proposal were accepted (e.g. when a speculative step costs many times a plain
+  one): then exploring could only cost time.
 - The caps of a step are what each request can propose: with a free proposer (n-gram lookup) the decoder
   looks proposals up before choosing, so a request without a match counts neither as expected tokens nor as
   a reason to leave the decode fast path.
@@ -83,11 +84,20 @@ class StepShape:
             self.num_chunks = len(self.caps)
 
 
+def feature_matrix(batched_tokens: np.ndarray, kv_tokens: np.ndarray, draft_forwards: np.ndarray,
+                   draft_tokens: np.ndarray, mixed_seqs: np.ndarray) -> np.ndarray:
+    """[N, features]: the latency model's inputs of N steps; `mixed_seqs` is the number of chunks of a mixed
+    step (0: a pure decode)."""
+    columns = (np.ones(len(batched_tokens)), batched_tokens, kv_tokens, draft_forwards, draft_tokens,
+               mixed_seqs > 0, mixed_seqs)
+    return np.stack(columns, axis=1).astype(np.float64)
+
+
 def step_features(batched_tokens: int, kv_tokens: int, draft_forwards: int, draft_tokens: int,
                   mixed_seqs: int = 0) -> np.ndarray:
-    """The latency model's inputs; `mixed_seqs` is the number of chunks of a mixed step (0: a pure decode)."""
-    return np.array([1.0, batched_tokens, kv_tokens, draft_forwards, draft_tokens, float(mixed_seqs > 0),
-                     mixed_seqs], dtype=np.float64)
+    """The latency model's inputs of one step (see `feature_matrix`)."""
+    values = (batched_tokens, kv_tokens, draft_forwards, draft_tokens, mixed_seqs)
+    return feature_matrix(*(np.array([v], dtype=np.float64) for v in values))[0]
 
 
 def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -167,6 +177,13 @@ class Controller:
     def observe_acceptance(self, key: Any, proposed: int, accepted: int) -> None:
         self.acceptance.observe(key, proposed, accepted)
 
+    def observe_acceptances(self, keys: list[Any], proposed: list[int], accepted: list[int]) -> None:
+        """A step's verifications (one per request) at once."""
+        self.acceptance.observe_many(keys, proposed, accepted)
+
+    def maintain(self) -> None:
+        """Work that need not delay a step; the decoder calls it while the device runs a forward."""
+
     def forget(self, key: Any) -> None:
         self.acceptance.forget(key)
 
@@ -174,11 +191,16 @@ class Controller:
         """Predicted features of the step if every request proposes min(k, its cap) tokens (or, for a list,
         request i proposes k[i])."""
         ks = [min(k, c) for c in shape.caps] if isinstance(k, int) else list(k)
-        extra = sum(ks)
-        forwards = max(ks, default=0) if self.draft_forwards else 0
-        mixed = shape.mixed or extra > 0
-        return step_features(shape.batched_tokens + extra, shape.kv_tokens + extra, forwards,
-                             extra if self.draft_forwards else 0, shape.num_chunks if mixed else 0)
+        return self.feature_rows(shape, np.array([ks], dtype=np.int64).reshape(1, len(ks)))[0]
+
+    def feature_rows(self, shape: StepShape, lengths: np.ndarray) -> np.ndarray:
+        """[N, features]: the step's predicted features for each row of per-request proposal lengths [N, B]."""
+        extra = lengths.sum(axis=1).astype(np.float64)
+        none = np.zeros_like(extra)
+        forwards = lengths.max(axis=1, initial=0).astype(np.float64) if self.draft_forwards else none
+        mixed_seqs = np.where(shape.mixed | (extra > 0), float(shape.num_chunks), 0.0)
+        return feature_matrix(shape.batched_tokens + extra, shape.kv_tokens + extra, forwards,
+                              extra if self.draft_forwards else none, mixed_seqs)
 
     # ----- profiles -----
     def profile(self) -> dict[str, Any]:
@@ -230,6 +252,9 @@ class SmartSpec(Controller):
     def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
         super().observe_step(k, num_decodes, features, seconds)
         self._since_fit += 1
+
+    def maintain(self) -> None:
+        """Refit when due, off the step's critical path (`plan` fits only a model never fitted yet)."""
         if self.coef is None or self._since_fit >= self.refit_every:
             self.refit()
 
@@ -264,6 +289,32 @@ class SmartSpec(Controller):
         linear = max(float(features @ self.coef), 1e-9)
         return linear * self.correction.get(correction_group(k, num_decodes), 1.0)
 
+    def _step_times(self, shape: StepShape, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each row of per-request lengths [N, B]: the predicted step seconds, and what one proposed token
+        costs in it (the model's seconds less its seconds with one batched, KV and draft token fewer)."""
+        if self.coef is None:
+            raise RuntimeError("the latency model is not fitted yet")
+        x = self.feature_rows(shape, lengths)
+        one = np.zeros(len(FEATURES))
+        one[[FEATURES.index("batched_tokens"), FEATURES.index("kv_tokens")]] = 1.0
+        if self.draft_forwards:
+            one[FEATURES.index("draft_tokens")] = 1.0
+        n = len(shape.caps)
+        correction = np.where(lengths.max(axis=1, initial=0) > 0, self.correction.get(correction_group(1, n), 1.0),
+                              self.correction.get(correction_group(0, n), 1.0))
+        linear = np.maximum(x @ self.coef, 1e-9)
+        return linear * correction, (linear - np.maximum((x - one) @ self.coef, 1e-9)) * correction
+
+    @staticmethod
+    def _tokens(shape: StepShape, lengths: np.ndarray, expected: np.ndarray) -> np.ndarray:
+        """Expected tokens of the step for each row of per-request lengths [N, B], `expected[i, n]` being the
+        tokens request i emits when it proposes n (`_expected_table`)."""
+        return shape.num_other_samples + expected[np.arange(lengths.shape[1])[None, :], lengths].sum(axis=1)
+
+    def _goodputs(self, shape: StepShape, lengths: np.ndarray, expected: np.ndarray) -> np.ndarray:
+        """Goodput of each row of per-request lengths [N, B] (see `_tokens`)."""
+        return self._tokens(shape, lengths, expected) / self._step_times(shape, lengths)[0]
+
     def goodput(self, shape: StepShape, k: int | Seq[int], survivals: Seq[np.ndarray] | np.ndarray | None = None
                 ) -> float:
         """Predicted tokens per second of the step at proposal length k (or per-request lengths); `survivals`
@@ -271,68 +322,56 @@ class SmartSpec(Controller):
         if survivals is None:
             survivals = self.acceptance.survivals(shape.keys)
         lengths = [min(k, c) for c in shape.caps] if isinstance(k, int) else list(k)
-        return self._goodput(shape, lengths, _expected_table(survivals))
-
-    def _goodput(self, shape: StepShape, lengths: list[int], expected: np.ndarray) -> float:
-        """`goodput` with `expected[i, n]` = tokens request i emits when it proposes n (`_expected_table`)."""
-        tokens = shape.num_other_samples + float(expected[np.arange(len(lengths)), lengths].sum())
-        return tokens / self.predict(self.features(shape, lengths), max(lengths, default=0), len(shape.caps))
+        return float(self._goodputs(shape, np.array([lengths], dtype=np.int64), _expected_table(survivals))[0])
 
     def choose(self, shape: StepShape) -> int:
         return max(self.plan(shape), default=0)
 
     def plan(self, shape: StepShape) -> list[int]:
-        """The best k's lengths, each request's trimmed to what pays for it (see `trim`)."""
+        """The best k's lengths, each request's trimmed to what pays for it (see `options`)."""
         if not shape.caps or max(shape.caps) == 0:
             return [0] * len(shape.caps)
+        if self.coef is None:
+            self.refit()
         if self.coef is None:  # measuring: cycle through every k
             self._cycle += 1
             return [min(self._cycle % (self.max_k + 1), c) for c in shape.caps]
-        survivals = self.acceptance.survivals(shape.keys)
-        expected = _expected_table(survivals)
-        options = [self.trim(shape, k, survivals, expected) for k in range(self.max_k + 1)]
-        best = max(range(len(options)), key=lambda k: options[k][0])
-        lengths = options[best][1]
-        self._zero_streak = self._zero_streak + 1 if max(lengths) == 0 else 0
-        if self._zero_streak >= self.explore_every and self._could_pay(shape, options[0][0]):
+        scores, lengths = self.options(shape, self.acceptance.survivals(shape.keys))
+        chosen = lengths[int(np.argmax(scores))].tolist()
+        self._zero_streak = self._zero_streak + 1 if max(chosen) == 0 else 0
+        if self._zero_streak >= self.explore_every and self._could_pay(shape, float(scores[0])):
             self._zero_streak = 0
             return [min(1, c) for c in shape.caps]
-        return lengths
+        return chosen
 
-    def trim(self, shape: StepShape, k: int, survivals: Seq[np.ndarray] | np.ndarray,
-             expected: np.ndarray | None = None) -> tuple[float, list[int]]:
-        """Proposal length k, less the proposals that earn less than the step's goodput: (goodput, lengths).
+    def options(self, shape: StepShape, survivals: Seq[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each k in 0..K, all at once: the step's goodput [K+1] and per-request lengths [K+1, B] at
+        proposal length k, less the proposals that earn less than the step's goodput.
 
         A request's n-th proposed token emits one more token with probability S(n), and costs the step's
         time per token; once a step speculates, a request whose acceptance is low adds tokens worth less than
         the time they add (a loaded batch) and proposes fewer. Dropping only proposals below the step's
         average rate raises that rate; the trimmed lengths are kept where the model agrees.
         """
-        lengths = [min(k, c) for c in shape.caps]
-        survivals = np.asarray(survivals, dtype=np.float64).reshape(len(lengths), -1)  # [B, K]
-        if expected is None:
-            expected = _expected_table(survivals)
-        score = self._goodput(shape, lengths, expected)
-        if k == 0:
-            return score, lengths
-        features = self.features(shape, lengths)
-        one = np.zeros(len(FEATURES))
-        one[[FEATURES.index("batched_tokens"), FEATURES.index("kv_tokens")]] = 1.0
-        if self.draft_forwards:
-            one[FEATURES.index("draft_tokens")] = 1.0
-        per_token = self.predict(features, k, len(shape.caps)) - self.predict(features - one, k, len(shape.caps))
+        caps = np.asarray(shape.caps, dtype=np.int64)
+        s = np.asarray(survivals, dtype=np.float64).reshape(len(caps), -1)  # [B, K]
+        expected = _expected_table(s)
+        lengths = np.minimum(np.arange(self.max_k + 1)[:, None], caps[None, :])  # [K+1, B]
+        seconds, per_token = self._step_times(shape, lengths)
+        score = self._tokens(shape, lengths, expected) / seconds
         # Survival falls with n, so the proposals worth keeping are a prefix: those whose S(n) reaches the bar.
-        worth = (survivals >= score * per_token).sum(axis=1)
-        trimmed = np.minimum(lengths, worth).tolist()
-        if trimmed == lengths:
-            return score, lengths
-        trimmed_score = self._goodput(shape, trimmed, expected)
-        return (trimmed_score, trimmed) if trimmed_score > score else (score, lengths)
+        worth = (s[None, :, :] >= (score * per_token)[:, None, None]).sum(axis=2)
+        trimmed = np.minimum(lengths, worth)
+        trimmed_score = self._goodputs(shape, trimmed, expected)
+        better = trimmed_score > score
+        return np.where(better, trimmed_score, score), np.where(better[:, None], trimmed, lengths)
 
     def _could_pay(self, shape: StepShape, plain: float) -> bool:
         """Whether some k > 0 would beat plain decoding if every proposal were accepted."""
-        perfect = [np.ones(self.max_k)] * len(shape.caps)
-        return any(self.goodput(shape, k, perfect) > plain for k in range(1, self.max_k + 1))
+        caps = np.asarray(shape.caps, dtype=np.int64)
+        lengths = np.minimum(np.arange(1, self.max_k + 1)[:, None], caps[None, :])  # [K, B]
+        perfect = _expected_table(np.ones((len(caps), self.max_k)))
+        return bool((self._goodputs(shape, lengths, perfect) > plain).any())
 
 
 def _expected_table(survivals: Seq[np.ndarray] | np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ proposed tokens appended, so the forward sees a chunk of k + 1 tokens per reques
 returns logits at all k + 1 positions. Rejection sampling turns them into 1..k+1 tokens per request. The
 engine appends those one by one (stop checks run per token) and calls `rollback`, which keeps the accepted
 tokens' K/V (num_computed counts them) and frees the blocks reserved for rejected ones, in both caches;
-their stale K/V is simply overwritten later. Speculative steps run eagerly (no CUDA graph).
+their stale K/V is simply overwritten later. On CUDA a verify step replays a chunk graph of its (batch size,
+longest chunk) bucket (runner.py), as a draft's forwards do, so speculating does not mean leaving CUDA graphs.
 
 A free proposer (n-gram lookup) is asked before k is chosen, for as many tokens as each request may propose,
 so the controller knows which requests have a proposal at all; the chosen k then cuts them. A step in which
@@ -49,6 +50,7 @@ class SpecDecoder:
         self.proposer = proposer
         self.max_model_len = max_model_len
         self.controller = self.make_controller(config.spec_k)
+        runner.enable_chunk_graphs(self.controller.max_k + 1)
         # The last step's longest proposal, decode requests and features, timed when the engine step ends.
         self._pending: tuple[int, int, np.ndarray] | None = None
         scheduler.release_hooks.append(self.release)
@@ -94,11 +96,17 @@ class SpecDecoder:
         t1 = time.perf_counter()
         timings["propose_s"] = timings.get("propose_s", 0.0) + (t1 - t0)
         num_spec = sum(len(c.spec_tokens) for c in sched.chunks)
+
+        def launched() -> None:  # the forward is queued: CPU work here overlaps the device
+            self.controller.maintain()
+            if on_launch is not None:
+                on_launch()
+
         if num_spec:
-            out = self._speculative(sched, timings, on_launch, proposal,
+            out = self._speculative(sched, timings, launched, proposal,
                                     {id(c): i for i, (c, _) in enumerate(proposing)})
         else:
-            tokens, logprobs = self.runner.execute(sched, timings, on_launch)
+            tokens, logprobs = self.runner.execute(sched, timings, launched)
             out = [([t], [lp]) for t, lp in zip(tokens, logprobs, strict=True)]
         features = step_features(sched.num_tokens + num_spec, shape.kv_tokens + num_spec, proposal.draft_forwards,
                                  proposal.draft_tokens, 0 if sched.is_decode else len(sched.chunks))
@@ -106,13 +114,12 @@ class SpecDecoder:
         timings["spec_proposed"] = timings.get("spec_proposed", 0) + num_spec
         return out
 
-    def _speculative(self, sched: SchedulerOutput, timings: dict[str, float], on_launch: Callable[[], None] | None,
+    def _speculative(self, sched: SchedulerOutput, timings: dict[str, float], on_launch: Callable[[], None],
                      proposal: Proposal, proposal_row: dict[int, int]) -> StepTokens:
         """The target forward over every chunk and its proposals, then verification."""
         t1 = time.perf_counter()
         logits = self.runner.forward_logits(sched, timings)
-        if on_launch is not None:
-            on_launch()
+        on_launch()
         t2 = time.perf_counter()
         out = self._verify(sched, logits, proposal, proposal_row)
         t3 = time.perf_counter()
@@ -150,39 +157,44 @@ class SpecDecoder:
         sampling = [c for c in sched.chunks if c.samples]
         if not sampling:
             return []
-        dev = logits.device
         n_spec = [len(c.spec_tokens) for c in sampling]
-        K = max(n_spec)
-        B = len(sampling)
         starts = np.cumsum([0] + [n + 1 for n in n_spec[:-1]])
+        if all(c.seq.params.greedy for c in sampling):  # one small device-to-host copy, then plain comparisons
+            targets = logits.argmax(dim=-1).tolist()
+            pairs = [greedy_accept(targets[s: s + n + 1], c.spec_tokens)
+                     for c, s, n in zip(sampling, starts.tolist(), n_spec, strict=True)]
+            accepted_l, nxt_l = [a for a, _ in pairs], [t for _, t in pairs]
+        else:
+            accepted_l, nxt_l = self._rejection_sample(sampling, logits, proposal, proposal_row, n_spec, starts)
+        emitted = [c.spec_tokens[:a] + [t] for c, a, t in zip(sampling, accepted_l, nxt_l, strict=True)]
+        self.controller.observe_acceptances([c.seq for c in sampling], n_spec, accepted_l)
+        return list(zip(emitted, self._logprobs(logits, sampling, starts, emitted), strict=True))
+
+    def _rejection_sample(self, sampling: list[ScheduledChunk], logits: torch.Tensor, proposal: Proposal,
+                          proposal_row: dict[int, int], n_spec: list[int], starts: np.ndarray
+                          ) -> tuple[list[int], list[int]]:
+        """Accepted counts and next tokens of a step with sampled requests: rejection sampling on the device."""
+        dev = logits.device
+        K, B = max(n_spec), len(sampling)
         num_proposed = torch.tensor(n_spec, device=dev)
         # Row of logits holding position j of chunk b (positions past its proposals repeat its last row).
         index = torch.tensor(starts, device=dev)[:, None] + torch.minimum(torch.arange(K + 1, device=dev)[None, :],
                                                                           num_proposed[:, None])
         draft = torch.tensor([c.spec_tokens + [0] * (K - len(c.spec_tokens)) for c in sampling], dtype=torch.long,
                              device=dev).view(B, K)
-        params = [c.seq.params for c in sampling]
-        if all(p.greedy for p in params):
-            accepted, nxt = greedy_accept(logits.argmax(dim=-1)[index], draft, num_proposed)
-        else:
-            row_params = [p for p, n in zip(params, n_spec, strict=True) for _ in range(n + 1)]
-            target = sampling_probs(logits, row_params)[index]  # [B, K+1, V]
-            draft_probs = None
-            if proposal.probs is not None and K > 0:
-                draft_probs = torch.zeros(B, K, target.shape[-1], dtype=target.dtype, device=dev)
-                for b, c in enumerate(sampling):
-                    if id(c) in proposal_row:
-                        draft_probs[b, : n_spec[b]] = proposal.probs[proposal_row[id(c)], : n_spec[b]]
-            gens = [c.seq.generator for c in sampling]
-            uniforms = _uniforms(B, K, gens, self.runner.sampler.generator, dev)
-            noise = race_noise(target[:, 0], gens, self.runner.sampler.generator)
-            accepted, nxt = rejection_sample(target, draft, num_proposed, draft_probs, uniforms, noise)
-        accepted_l, nxt_l = accepted.tolist(), nxt.tolist()
-        emitted = [c.spec_tokens[:a] + [t] for c, a, t in zip(sampling, accepted_l, nxt_l, strict=True)]
-        for c, a in zip(sampling, accepted_l, strict=True):
-            if c.spec_tokens:
-                self.controller.observe_acceptance(c.seq, len(c.spec_tokens), a)
-        return list(zip(emitted, self._logprobs(logits, sampling, starts, emitted), strict=True))
+        row_params = [c.seq.params for c, n in zip(sampling, n_spec, strict=True) for _ in range(n + 1)]
+        target = sampling_probs(logits, row_params)[index]  # [B, K+1, V]
+        draft_probs = None
+        if proposal.probs is not None and K > 0:
+            draft_probs = torch.zeros(B, K, target.shape[-1], dtype=target.dtype, device=dev)
+            for b, c in enumerate(sampling):
+                if id(c) in proposal_row:
+                    draft_probs[b, : n_spec[b]] = proposal.probs[proposal_row[id(c)], : n_spec[b]]
+        gens = [c.seq.generator for c in sampling]
+        uniforms = _uniforms(B, K, gens, self.runner.sampler.generator, dev)
+        noise = race_noise(target[:, 0], gens, self.runner.sampler.generator)
+        accepted, nxt = rejection_sample(target, draft, num_proposed, draft_probs, uniforms, noise)
+        return accepted.tolist(), nxt.tolist()
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, sampling: list[ScheduledChunk], starts: Any,
@@ -211,6 +223,7 @@ class SpecDecoder:
     def set_policy(self, spec_k: int | str) -> None:
         """Switch to another k policy between runs (the engine must be idle)."""
         self.controller = self.make_controller(spec_k)
+        self.runner.enable_chunk_graphs(self.controller.max_k + 1)
         self.config.spec_k = spec_k
 
 

@@ -13,12 +13,12 @@ A proposer guesses up to k[i] next tokens of each request; the target verifies t
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from lmstack.engine.block_manager import BlockManager
@@ -77,34 +77,60 @@ class Proposer:
         return 0
 
 
+class NgramIndex:
+    """Where every n-gram (min_n..max_n tokens) of a growing token list ends, kept up to date incrementally, so a
+    lookup costs a few dictionary probes however long the request is, not a scan of all its tokens."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+        self.ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> its end positions (exclusive), ascending
+        self.indexed = 0  # n-grams ending at or before this position are in `ends`
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """What followed the longest earlier occurrence of the tokens' suffix: the most recent occurrence
+        with k tokens after it, else the one with the most (the earliest). `tokens` must extend the list the
+        index saw before."""
+        length = len(tokens)
+        for end in range(self.indexed + 1, length):  # the suffix itself (ending at `length`) is not indexed
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                self.ends.setdefault(tuple(tokens[end - n: end]), []).append(end)
+        self.indexed = max(self.indexed, length - 1)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            ends = self.ends.get(tuple(tokens[length - n:]))
+            if ends:
+                full = bisect.bisect_right(ends, length - k)  # occurrences with k tokens after them
+                start = ends[full - 1] if full else ends[0]
+                return tokens[start: start + k]
+        return []
+
+
 class NgramProposer(Proposer):
     name = "ngram"
     free = True
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
+        self.indexes: dict[Sequence, NgramIndex] = {}
 
     @classmethod
     def create(cls, ctx: ProposerContext) -> NgramProposer:
         return cls(ctx.config.spec_ngram_min_n, ctx.config.spec_ngram_max_n)
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> Proposal:
-        return Proposal([self.lookup(s.prompt_token_ids + s.output_token_ids, k) for s, k in zip(seqs, ks,
-                                                                                                  strict=True)])
+        out = []
+        for s, k in zip(seqs, ks, strict=True):
+            index = self.indexes.get(s)
+            if index is None:
+                index = self.indexes[s] = NgramIndex(self.min_n, self.max_n)
+            out.append(index.lookup(s.prompt_token_ids + s.output_token_ids, k))
+        return Proposal(out)
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
-        """What followed the longest earlier occurrence of the tokens' suffix: the most recent occurrence
-        with k tokens after it, else the one with the most (the earliest)."""
-        arr = np.asarray(tokens)
-        length = len(arr)
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(arr[: length - 1], n)  # excludes the suffix itself
-            hits = np.flatnonzero((windows == arr[length - n:]).all(axis=1))
-            if hits.size:
-                full = hits[length - (hits + n) >= k]
-                start = (full[-1] if full.size else hits[0]) + n
-                return arr[start: start + k].tolist()
-        return []
+        """`NgramIndex.lookup` on a list of its own (no request)."""
+        return NgramIndex(self.min_n, self.max_n).lookup(tokens, k)
+
+    def release(self, seq: Sequence) -> None:
+        self.indexes.pop(seq, None)
 
 
 @dataclass(eq=False)
@@ -142,6 +168,9 @@ class DraftProposer(Proposer):
         # As many blocks as the target: a request's draft cache never holds more tokens than its target cache,
         # so the draft pool cannot run out while the target's has room.
         self.runner = ModelRunner(model, draft_cfg, max_model_len)
+        # Its first forward of a step catches up one or two tokens per request (more after steps without
+        # speculation): up to K + 1 replay a chunk graph.
+        self.runner.enable_chunk_graphs(config.spec_max_k + 1)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.views: dict[Sequence, _DraftView] = {}
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed + 1)

@@ -56,17 +56,11 @@ def rejection_sample(
     return accepted, (dist / noise).argmax(dim=-1)
 
 
-def greedy_accept(target_tokens: torch.Tensor, draft_tokens: torch.Tensor,
-                  num_proposed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The greedy special case without probabilities: target_tokens [B, K+1] are the target's argmaxes.
-
-    Accept while the proposal equals the target's argmax; the next token is the argmax after the accepted prefix.
-    """
-    B, K1 = target_tokens.shape
-    K = K1 - 1
-    if K == 0:
-        return torch.zeros(B, dtype=torch.long, device=target_tokens.device), target_tokens[:, 0]
-    valid = torch.arange(K, device=target_tokens.device)[None, :] < num_proposed[:, None]
-    ok = (draft_tokens.long() == target_tokens[:, :K]) & valid
-    accepted = ok.long().cumprod(dim=1).sum(dim=1)
-    return accepted, target_tokens.gather(1, accepted[:, None]).squeeze(1)
+def greedy_accept(targets: list[int], proposals: list[int]) -> tuple[int, int]:
+    """The greedy special case, on the host: `targets` are the target's argmaxes at the len(proposals) + 1
+    verified positions. Accept while the proposal equals the argmax; the next token is the argmax after the
+    accepted prefix. Returns (accepted, next token)."""
+    accepted = 0
+    while accepted < len(proposals) and proposals[accepted] == targets[accepted]:
+        accepted += 1
+    return accepted, targets[accepted]
