@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lmstack.engine.spec.acceptance import HIT, MISS, NEW, Acceptance, expected_tokens, merge_tables
-from lmstack.engine.spec.controller import make_controller, merge_profiles
+from lmstack.engine.spec.controller import FEATURES, SmartSpec, StepShape, make_controller, merge_profiles
 from test_spec import _measured, _shape
 
 # An n-gram-like proposer: the first token is the gamble; once it is accepted, the span nearly always continues.
@@ -124,3 +124,26 @@ def test_a_steps_verifications_at_once_count_as_one_by_one() -> None:
     np.testing.assert_allclose(many.survivals(list(range(12))), one.survivals(list(range(12))), rtol=1e-12)
     with pytest.raises(ValueError, match="accepted"):
         many.observe_many([0, 1], [2, 3], [1, 4])
+
+
+@pytest.mark.parametrize("draft_forwards", [False, True])
+def test_vectorized_step_times_are_the_latency_model(draft_forwards: bool) -> None:
+    """What `plan` evaluates for all k at once equals `predict` of each option's features."""
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        ctl = SmartSpec(5, draft_forwards)
+        ctl.coef = rng.uniform(0, 1e-3, len(FEATURES)) * (rng.uniform(size=len(FEATURES)) > 0.3)
+        ctl.correction = {(spec, b): float(rng.uniform(0.5, 2.0)) for spec in (False, True) for b in range(8)}
+        b = int(rng.integers(1, 20))
+        shape = StepShape(batched_tokens=b + int(rng.integers(0, 50)), kv_tokens=int(rng.integers(10, 5000)),
+                          num_other_samples=0, keys=list(range(b)), caps=rng.integers(0, 6, b).tolist(),
+                          num_chunks=b + 1, mixed=bool(rng.integers(0, 2)))
+        lengths = rng.integers(0, 6, (6, b))
+        seconds, per_token = ctl._step_times(shape, lengths)
+        one = np.zeros(len(FEATURES))
+        for name in ("batched_tokens", "kv_tokens") + (("draft_tokens",) if draft_forwards else ()):
+            one[FEATURES.index(name)] = 1.0
+        for row, s, t in zip(lengths.tolist(), seconds, per_token, strict=True):
+            f = ctl.features(shape, row)
+            assert s == pytest.approx(ctl.predict(f, max(row), b), rel=1e-12)
+            assert t == pytest.approx(s - ctl.predict(f - one, max(row), b), rel=1e-9, abs=1e-15)

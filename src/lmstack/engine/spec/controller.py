@@ -84,20 +84,11 @@ class StepShape:
             self.num_chunks = len(self.caps)
 
 
-def feature_matrix(batched_tokens: np.ndarray, kv_tokens: np.ndarray, draft_forwards: np.ndarray,
-                   draft_tokens: np.ndarray, mixed_seqs: np.ndarray) -> np.ndarray:
-    """[N, features]: the latency model's inputs of N steps; `mixed_seqs` is the number of chunks of a mixed
-    step (0: a pure decode)."""
-    columns = (np.ones(len(batched_tokens)), batched_tokens, kv_tokens, draft_forwards, draft_tokens,
-               mixed_seqs > 0, mixed_seqs)
-    return np.stack(columns, axis=1).astype(np.float64)
-
-
 def step_features(batched_tokens: int, kv_tokens: int, draft_forwards: int, draft_tokens: int,
                   mixed_seqs: int = 0) -> np.ndarray:
-    """The latency model's inputs of one step (see `feature_matrix`)."""
-    values = (batched_tokens, kv_tokens, draft_forwards, draft_tokens, mixed_seqs)
-    return feature_matrix(*(np.array([v], dtype=np.float64) for v in values))[0]
+    """The latency model's inputs; `mixed_seqs` is the number of chunks of a mixed step (0: a pure decode)."""
+    return np.array([1.0, batched_tokens, kv_tokens, draft_forwards, draft_tokens, float(mixed_seqs > 0),
+                     mixed_seqs], dtype=np.float64)
 
 
 def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -191,16 +182,11 @@ class Controller:
         """Predicted features of the step if every request proposes min(k, its cap) tokens (or, for a list,
         request i proposes k[i])."""
         ks = [min(k, c) for c in shape.caps] if isinstance(k, int) else list(k)
-        return self.feature_rows(shape, np.array([ks], dtype=np.int64).reshape(1, len(ks)))[0]
-
-    def feature_rows(self, shape: StepShape, lengths: np.ndarray) -> np.ndarray:
-        """[N, features]: the step's predicted features for each row of per-request proposal lengths [N, B]."""
-        extra = lengths.sum(axis=1).astype(np.float64)
-        none = np.zeros_like(extra)
-        forwards = lengths.max(axis=1, initial=0).astype(np.float64) if self.draft_forwards else none
-        mixed_seqs = np.where(shape.mixed | (extra > 0), float(shape.num_chunks), 0.0)
-        return feature_matrix(shape.batched_tokens + extra, shape.kv_tokens + extra, forwards,
-                              extra if self.draft_forwards else none, mixed_seqs)
+        extra = sum(ks)
+        forwards = max(ks, default=0) if self.draft_forwards else 0
+        mixed = shape.mixed or extra > 0
+        return step_features(shape.batched_tokens + extra, shape.kv_tokens + extra, forwards,
+                             extra if self.draft_forwards else 0, shape.num_chunks if mixed else 0)
 
     # ----- profiles -----
     def profile(self) -> dict[str, Any]:
@@ -291,19 +277,27 @@ class SmartSpec(Controller):
 
     def _step_times(self, shape: StepShape, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each row of per-request lengths [N, B]: the predicted step seconds, and what one proposed token
-        costs in it (the model's seconds less its seconds with one batched, KV and draft token fewer)."""
+        costs in it (the model's seconds less its seconds with one batched, KV and draft token fewer).
+
+        The model is linear, so it is evaluated from each row's proposed tokens, longest proposal and
+        mixedness: `predict` of the rows' `features`, without building them (this runs every
+        step, on the step's critical path)."""
         if self.coef is None:
             raise RuntimeError("the latency model is not fitted yet")
-        x = self.feature_rows(shape, lengths)
-        one = np.zeros(len(FEATURES))
-        one[[FEATURES.index("batched_tokens"), FEATURES.index("kv_tokens")]] = 1.0
+        c = dict(zip(FEATURES, self.coef.tolist(), strict=True))
+        per_token = c["batched_tokens"] + c["kv_tokens"] + (c["draft_tokens"] if self.draft_forwards else 0.0)
+        extra = lengths.sum(axis=1)
+        longest = lengths.max(axis=1, initial=0)
+        linear = (c["intercept"] + c["batched_tokens"] * shape.batched_tokens + c["kv_tokens"] * shape.kv_tokens
+                  + per_token * extra + np.where(shape.mixed | (extra > 0),
+                                                 c["mixed"] + c["mixed_seqs"] * shape.num_chunks, 0.0))
         if self.draft_forwards:
-            one[FEATURES.index("draft_tokens")] = 1.0
+            linear = linear + c["draft_forwards"] * longest
         n = len(shape.caps)
-        correction = np.where(lengths.max(axis=1, initial=0) > 0, self.correction.get(correction_group(1, n), 1.0),
+        correction = np.where(longest > 0, self.correction.get(correction_group(1, n), 1.0),
                               self.correction.get(correction_group(0, n), 1.0))
-        linear = np.maximum(x @ self.coef, 1e-9)
-        return linear * correction, (linear - np.maximum((x - one) @ self.coef, 1e-9)) * correction
+        seconds = np.maximum(linear, 1e-9)
+        return seconds * correction, (seconds - np.maximum(linear - per_token, 1e-9)) * correction
 
     @staticmethod
     def _tokens(shape: StepShape, lengths: np.ndarray, expected: np.ndarray) -> np.ndarray:
