@@ -331,12 +331,11 @@ class ModelRunner:
         n = len(sched.chunks)
         if not self.chunk_graph_len or not 0 < n <= self.max_graph_bs:
             return None
-        q = max(c.num_tokens + len(c.spec_tokens) for c in sched.chunks)
-        if (q > self.chunk_graph_len or (next(b for b in GRAPH_BATCH_SIZES if b >= n), q) not in self.chunk_graphs
-                or not all(c.samples for c in sched.chunks)
-                or any(c.start + q > self.max_model_len for c in sched.chunks)):  # padding must stay in the table
+        key = next(b for b in GRAPH_BATCH_SIZES if b >= n), max(c.num_tokens + len(c.spec_tokens) for c in sched.chunks)
+        if (key not in self.chunk_graphs or not all(c.samples for c in sched.chunks)
+                or any(c.start + key[1] > self.max_model_len for c in sched.chunks)):  # padding stays in the table
             return None
-        return next(b for b in GRAPH_BATCH_SIZES if b >= n), q
+        return key
 
     def _stage_chunks(self, chunks: list[ScheduledChunk], bs: int, q: int) -> torch.Tensor:
         """Copy the step's inputs, padded to `bs` rows of `q` tokens, into the static buffers; return the rows
