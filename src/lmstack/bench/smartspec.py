@@ -19,6 +19,10 @@ traces and in reverse on odd ones, so that no policy always runs last (a drift o
 cancels over pairs of traces); the results average each policy's metrics over its traces and keep every
 trace's mean latency beside them.
 
+Each run also splits its mean step into the engine's phases (ms per step): schedule, propose (the n-gram lookup
+or the draft's forwards, and choosing k), forward, sample (verification) and postprocess. On a GPU the forward is
+only queued: its device time shows up in the phase that first waits for it (sampling or verification).
+
 SmartSpec at each rate is warm-started from a profile of the runs before it (the fixed-k runs' step times and
 acceptance), as the paper profiles the batch latency offline, and keeps refitting as it runs. The pooled
 profile is written beside the results for `lmstack serve --spec-profile`. Finished runs are appended to a JSONL
@@ -180,14 +184,18 @@ def replay(engine: Any, prompts: list[list[int]], offsets: list[float], params: 
             finish[i] = now
             tokens[i] = out.outputs[0].token_ids
 
+    before = dict(engine.stats)
     start, arrivals, steps, step_s = drive(engine, offsets, tag, add, on_output)
+    # Where a step's time went (ms per step): the host's share is what speculation adds besides the forward.
+    phases = {f"{name}_ms_per_step": 1e3 * (engine.stats.get(f"{name}_s", 0.0) - before.get(f"{name}_s", 0.0))
+              / max(steps, 1) for name in ("schedule", "propose", "forward", "sample", "postprocess")}
     latency = np.array([finish[i] - arrivals[i] for i in range(n)])
     ttft = np.array([first[i] - arrivals[i] for i in range(n)])
     n_tokens = sum(len(t) for t in tokens.values())
     return {"mean_latency_s": float(latency.mean()), "p50_latency_s": float(np.percentile(latency, 50)),
             "p90_latency_s": float(np.percentile(latency, 90)), "mean_ttft_s": float(ttft.mean()),
             "output_tokens": n_tokens, "makespan_s": max(finish.values()) - start, "steps": steps,
-            "mean_step_ms": 1e3 * step_s / max(steps, 1), "tokens_per_step": n_tokens / max(steps, 1),
+            "mean_step_ms": 1e3 * step_s / max(steps, 1), "tokens_per_step": n_tokens / max(steps, 1), **phases,
             "tokens": [tokens[i] for i in range(n)]}
 
 
