@@ -12,16 +12,14 @@ PROPOSER=${PROPOSER:-draft}
 export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 source benchmarks/carried_gguf.sh
+[ "$PROPOSER" = ngram ] && C=${CARRY:-.carry/ss} || C=${CARRY:-.carry/ah}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $C/whl/*.whl || exit 1
 if [ "$PROPOSER" = ngram ]; then
-  C=${CARRY:-.carry/ss}
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $C/whl/*.whl || exit 1
   assemble smollm2-135m-instruct "$C/smol" "$C/smol.size" || exit 1
   ARGS=(--proposer ngram --model "$LMSTACK_CACHE/gguf/smollm2-135m-instruct.gguf" --data quote
         --data-file "$C/wikitext-2-raw-v1_test.jsonl" --rates "${RATES:-4,32,128}" --repeats "${REPEATS:-2}"
         --num-requests "${NUM_REQUESTS:-64}" --max-tokens "${MAX_TOKENS:-128}" --output "$OUT/smartspec_ngram_gpu.json")
 else
-  C=${CARRY:-.carry/ah}
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $C/whl/*.whl || exit 1
   assemble qwen2.5-coder-1.5b-instruct "$C/model" "$C/model.size" || exit 1
   assemble qwen2.5-coder-0.5b-instruct "$C/draft" "$C/draft.size" || exit 1
   ARGS=(--proposer draft --data code --rates "${RATES:-2,8,32}" --repeats "${REPEATS:-1}"

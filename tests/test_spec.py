@@ -16,7 +16,7 @@ import torch
 from lmstack.engine import EngineConfig, LLMEngine, SamplingParams
 from lmstack.engine.attention import AttentionBackend, AttentionMetadata
 from lmstack.engine.sampler import sampling_probs
-from lmstack.engine.spec import NgramProposer, rejection_sample
+from lmstack.engine.spec import rejection_sample
 from lmstack.engine.spec.acceptance import Acceptance, expected_tokens
 from lmstack.engine.spec.controller import (
     FEATURES,
@@ -116,7 +116,10 @@ def test_draft_loaded_by_name_and_ngram_matches(target, reference) -> None:
     accepted, proposed = acceptance(engine)
     assert accepted == proposed > 0
     assert engine.stats["steps"] < 24
-    lookup = NgramProposer(1, 3).lookup
+
+    def lookup(tokens: list[int], k: int) -> list[int]:
+        return NgramIndex(1, 3).lookup(tokens, k)  # a fresh index: each list below is another request
+
     assert lookup([1, 2, 3, 4, 1, 2, 3], 2) == [4, 1]
     assert lookup([1, 2, 3, 4, 9, 2, 3, 5, 2, 3], 1) == [5]  # the most recent match with k tokens after it
     assert lookup([1, 2, 3], 3) == []
@@ -355,7 +358,7 @@ def _set_acceptance(ctl: SmartSpec, alpha: float, n: int) -> None:
     for _ in range(200):
         for key in range(n):
             draws = rng.random(5) < alpha
-            ctl.observe_acceptance(key, 5, int(np.argmin(draws)) if not draws.all() else 5)
+            ctl.acceptance.observe(key, 5, int(np.argmin(draws)) if not draws.all() else 5)
 
 
 def test_smartspec_chooses_zero_when_speculation_does_not_pay() -> None:
@@ -439,7 +442,7 @@ def _set_rates(ctl: SmartSpec, alphas: list[float]) -> None:
     for _ in range(100):
         for key, alpha in enumerate(alphas):
             draws = rng.random(5) < alpha
-            ctl.observe_acceptance(key, 5, 5 if draws.all() else int(np.argmin(draws)))
+            ctl.acceptance.observe(key, 5, 5 if draws.all() else int(np.argmin(draws)))
 
 
 def test_smartspec_models_the_jump_of_leaving_the_decode_path() -> None:

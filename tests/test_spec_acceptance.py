@@ -62,7 +62,7 @@ def test_smartspec_keeps_long_proposals_whose_tail_pays() -> None:
     """Every proposed token costs 1.5 ms on an 8-request batch; with SPAN acceptance K = 5 has the best goodput.
     A geometric model with the pooled rate undervalues the 4th and 5th tokens and settles for a shorter k."""
     ctl = _measured(lambda b, k: 0.04 + 0.004 * b + 0.0015 * b * k + (0.002 * b if k else 0.0))
-    _feed(ctl.observe_acceptance, SPAN, keys=8)
+    _feed(ctl.acceptance.observe, SPAN, keys=8)
     true = [np.cumprod(SPAN)] * 8
     best = max(range(6), key=lambda k: ctl.goodput(_shape(8), k, true))
     assert best == 5
@@ -79,7 +79,7 @@ def test_smartspec_keeps_long_proposals_whose_tail_pays() -> None:
 def test_smartspec_still_declines_speculation_that_does_not_pay() -> None:
     """The same spans at a cost of 5 ms per proposed token: plain decoding wins."""
     ctl = _measured(lambda b, k: 0.04 + 0.004 * b + 0.005 * b * k + (0.002 * b if k else 0.0))
-    _feed(ctl.observe_acceptance, SPAN, keys=8)
+    _feed(ctl.acceptance.observe, SPAN, keys=8)
     assert ctl.plan(_shape(8)) == [0] * 8
 
 
@@ -89,8 +89,8 @@ def test_acceptance_counts_travel_in_profiles() -> None:
     short, long = make_controller(1, 1, False), make_controller(5, 5, False)
     rng = np.random.default_rng(1)
     for _ in range(200):
-        short.observe_acceptance(0, 1, _verify(rng, SPAN, 1))
-    _feed(long.observe_acceptance, SPAN, keys=8)
+        short.acceptance.observe(0, 1, _verify(rng, SPAN, 1))
+    _feed(long.acceptance.observe, SPAN, keys=8)
     merged = merge_profiles([short.profile(), long.profile()])
     assert merge_tables([short.profile()["acceptance_table"], long.profile()["acceptance_table"]]) \
         == merged["acceptance_table"]

@@ -165,9 +165,6 @@ class Controller:
         self.steps += 1
         self.chosen[k] = self.chosen.get(k, 0) + 1
 
-    def observe_acceptance(self, key: Any, proposed: int, accepted: int) -> None:
-        self.acceptance.observe(key, proposed, accepted)
-
     def observe_acceptances(self, keys: list[Any], proposed: list[int], accepted: list[int]) -> None:
         """A step's verifications (one per request) at once."""
         self.acceptance.observe_many(keys, proposed, accepted)

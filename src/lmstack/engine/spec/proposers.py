@@ -125,10 +125,6 @@ class NgramProposer(Proposer):
             out.append(index.lookup(s.prompt_token_ids + s.output_token_ids, k))
         return Proposal(out)
 
-    def lookup(self, tokens: list[int], k: int) -> list[int]:
-        """`NgramIndex.lookup` on a list of its own (no request)."""
-        return NgramIndex(self.min_n, self.max_n).lookup(tokens, k)
-
     def release(self, seq: Sequence) -> None:
         self.indexes.pop(seq, None)
 
