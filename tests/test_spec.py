@@ -56,11 +56,14 @@ def perturbed(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.M
     return draft
 
 
-def run(target, prompts, params, draft=None, abort=(), **config):
-    """Generate to completion; returns (token ids by prompt index, finish reasons, engine)."""
+def run(target, prompts, params, draft=None, abort=(), on_engine=None, **config):
+    """Generate to completion; returns (token ids by prompt index, finish reasons, engine). `on_engine` sees
+    the engine before any request is added."""
     model, tok = target
     cfg = {"num_kv_blocks": 64, "max_model_len": 256, "max_num_batched_tokens": 256, **config}
     engine = LLMEngine(model, tok, EngineConfig(**cfg), draft_model=draft)
+    if on_engine is not None:
+        on_engine(engine)
     params = params if isinstance(params, list) else [params] * len(prompts)
     for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
         engine.add_request(p, sp, request_id=str(i))

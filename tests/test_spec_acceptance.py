@@ -137,9 +137,11 @@ def test_vectorized_step_times_are_the_latency_model(draft_forwards: bool) -> No
         b = int(rng.integers(1, 20))
         shape = StepShape(batched_tokens=b + int(rng.integers(0, 50)), kv_tokens=int(rng.integers(10, 5000)),
                           num_other_samples=0, keys=list(range(b)), caps=rng.integers(0, 6, b).tolist(),
-                          num_chunks=b + 1, mixed=bool(rng.integers(0, 2)))
+                          num_chunks=b + 1, mixed=bool(rng.integers(0, 2)), lags=rng.integers(0, 40, b).tolist())
         lengths = rng.integers(0, 6, (6, b))
-        seconds, per_token = ctl._step_times(shape, lengths)
+        expected = 1.0 + np.arange(6)[None, :] * rng.uniform(0, 1, (b, 1))
+        # Without `remaining`, lags are charged in full: the draft tokens the step will measure.
+        seconds, per_token = ctl._step_times(shape, lengths, ctl._catch_up(shape, lengths, expected))
         one = np.zeros(len(FEATURES))
         for name in ("batched_tokens", "kv_tokens") + (("draft_tokens",) if draft_forwards else ()):
             one[FEATURES.index(name)] = 1.0

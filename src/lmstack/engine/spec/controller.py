@@ -37,6 +37,15 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
 - The caps of a step are what each request can propose: with a free proposer (n-gram lookup) the decoder
   looks proposals up before choosing, so a request without a match counts neither as expected tokens nor as
   a reason to leave the decode fast path.
+- A draft model catches up on every token it has not seen before it proposes (a new request's prompt, and
+  everything a request emitted while it did not propose), so a step also pays each proposing request's
+  *lag*. Lag of up to one token recurs every step (the draft never sees a fully accepted proposal's last
+  token) and is charged in full; the rest is paid once and lets the request speculate for the rest of its
+  output, so it is charged spread over that output: each step, in proportion to the tokens the request is
+  expected to emit in it. Charged in full, a request admitted while k = 0 won could never start proposing;
+  not charged at all (as before), a step after a k = 0 stretch looked as cheap as a steady one and SmartSpec
+  chose speculation whose catch-up cost more than it saved. Requests with a lag may also sit a step out while
+  caught-up ones propose, and an exploring step proposes only for caught-up requests.
 """
 
 from __future__ import annotations
@@ -68,7 +77,10 @@ class StepShape:
     for a free proposer the tokens it found); `keys[i]` identifies it for its acceptance rate. Chunks that
     sample but do not decode (the last prefill chunk of a prompt) emit one token whatever k is.
     `num_chunks` counts every chunk of the step (default: the decodes); `mixed` says that one of them
-    already has more than one token (a prefill chunk), so the step is mixed whatever k is.
+    already has more than one token (a prefill chunk), so the step is mixed whatever k is. `lags[i]` is how
+    many tokens a draft model must catch up on for request i before its first proposal, beyond the one it
+    always feeds (default: none), and `remaining[i]` the most tokens request i may still emit (default: its
+    lag is charged in full).
     """
 
     batched_tokens: int
@@ -78,6 +90,8 @@ class StepShape:
     caps: list[int]
     num_chunks: int | None = None
     mixed: bool = False
+    lags: list[int] | None = None
+    remaining: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.num_chunks is None:
@@ -182,8 +196,10 @@ class Controller:
         extra = sum(ks)
         forwards = max(ks, default=0) if self.draft_forwards else 0
         mixed = shape.mixed or extra > 0
+        lags = shape.lags or [0] * len(ks)
+        catch_up = sum(lag for n, lag in zip(ks, lags, strict=True) if n > 0)
         return step_features(shape.batched_tokens + extra, shape.kv_tokens + extra, forwards,
-                             extra if self.draft_forwards else 0, shape.num_chunks if mixed else 0)
+                             extra + catch_up if self.draft_forwards else 0, shape.num_chunks if mixed else 0)
 
     # ----- profiles -----
     def profile(self) -> dict[str, Any]:
@@ -226,11 +242,22 @@ class SmartSpec(Controller):
         self.refit_every = refit_every
         self.explore_every = explore_every
         self.min_samples = min_samples
-        self.coef: np.ndarray | None = None
+        self._coef: np.ndarray | None = None
+        self._named_coef: dict[str, float] = {}  # `coef` by feature name, for `_step_times`
         self.correction: dict[tuple[bool, int], float] = {}  # `correction_group` -> median measured / predicted
         self._since_fit = 0
         self._zero_streak = 0
         self._cycle = 0
+
+    @property
+    def coef(self) -> np.ndarray | None:
+        """The latency model's coefficients, one per feature (None until fitted)."""
+        return self._coef
+
+    @coef.setter
+    def coef(self, value: np.ndarray | None) -> None:
+        self._coef = value
+        self._named_coef = {} if value is None else dict(zip(FEATURES, value.tolist(), strict=True))
 
     def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
         super().observe_step(k, num_decodes, features, seconds)
@@ -272,16 +299,18 @@ class SmartSpec(Controller):
         linear = max(float(features @ self.coef), 1e-9)
         return linear * self.correction.get(correction_group(k, num_decodes), 1.0)
 
-    def _step_times(self, shape: StepShape, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _step_times(self, shape: StepShape, lengths: np.ndarray, catch_up: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
         """For each row of per-request lengths [N, B]: the predicted step seconds, and what one proposed token
         costs in it (the model's seconds less its seconds with one batched, KV and draft token fewer).
+        `catch_up[N]` is each row's draft tokens beyond its proposals (default none).
 
         The model is linear, so it is evaluated from each row's proposed tokens, longest proposal and
         mixedness: `predict` of the rows' `features`, without building them (this runs every
         step, on the step's critical path)."""
         if self.coef is None:
             raise RuntimeError("the latency model is not fitted yet")
-        c = dict(zip(FEATURES, self.coef.tolist(), strict=True))
+        c = self._named_coef
         per_token = c["batched_tokens"] + c["kv_tokens"] + (c["draft_tokens"] if self.draft_forwards else 0.0)
         extra = lengths.sum(axis=1)
         longest = lengths.max(axis=1, initial=0)
@@ -290,11 +319,26 @@ class SmartSpec(Controller):
                                                  c["mixed"] + c["mixed_seqs"] * shape.num_chunks, 0.0))
         if self.draft_forwards:
             linear = linear + c["draft_forwards"] * longest
+            if catch_up is not None:
+                linear = linear + c["draft_tokens"] * catch_up
         n = len(shape.caps)
         correction = np.where(longest > 0, self.correction.get(correction_group(1, n), 1.0),
                               self.correction.get(correction_group(0, n), 1.0))
         seconds = np.maximum(linear, 1e-9)
         return seconds * correction, (seconds - np.maximum(linear - per_token, 1e-9)) * correction
+
+    def _catch_up(self, shape: StepShape, lengths: np.ndarray, expected: np.ndarray) -> np.ndarray | None:
+        """Draft tokens charged to each row of per-request lengths [N, B] for the requests' lags (module
+        docstring): up to one token per proposing request in full, the rest in the share of the request's
+        remaining output that it is expected to emit this step. None when nothing lags."""
+        if not self.draft_forwards or not shape.lags or not any(shape.lags):
+            return None
+        lags = np.asarray(shape.lags, dtype=np.float64)
+        steady, once = np.minimum(lags, 1.0), np.maximum(lags - 1.0, 0.0)
+        emitted = expected[np.arange(lengths.shape[1])[None, :], lengths]  # [N, B]
+        share = (np.minimum(1.0, emitted / np.maximum(np.asarray(shape.remaining, dtype=np.float64), 1.0))
+                 if shape.remaining is not None else 1.0)
+        return np.where(lengths > 0, steady + once * share, 0.0).sum(axis=1)
 
     @staticmethod
     def _tokens(shape: StepShape, lengths: np.ndarray, expected: np.ndarray) -> np.ndarray:
@@ -303,8 +347,9 @@ class SmartSpec(Controller):
         return shape.num_other_samples + expected[np.arange(lengths.shape[1])[None, :], lengths].sum(axis=1)
 
     def _goodputs(self, shape: StepShape, lengths: np.ndarray, expected: np.ndarray) -> np.ndarray:
-        """Goodput of each row of per-request lengths [N, B] (see `_tokens`)."""
-        return self._tokens(shape, lengths, expected) / self._step_times(shape, lengths)[0]
+        """Goodput of each row of per-request lengths [N, B] (see `_tokens`), lags charged (`_catch_up`)."""
+        seconds = self._step_times(shape, lengths, self._catch_up(shape, lengths, expected))[0]
+        return self._tokens(shape, lengths, expected) / seconds
 
     def goodput(self, shape: StepShape, k: int | Seq[int], survivals: Seq[np.ndarray] | np.ndarray | None = None
                 ) -> float:
@@ -332,7 +377,8 @@ class SmartSpec(Controller):
         self._zero_streak = self._zero_streak + 1 if max(chosen) == 0 else 0
         if self._zero_streak >= self.explore_every and self._could_pay(shape, float(scores[0])):
             self._zero_streak = 0
-            return [min(1, c) for c in shape.caps]
+            lags = shape.lags or [0] * len(shape.caps)
+            return [min(1, c) if lag <= 1 else 0 for c, lag in zip(shape.caps, lags, strict=True)]
         return chosen
 
     def options(self, shape: StepShape, survivals: Seq[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -342,20 +388,29 @@ class SmartSpec(Controller):
         A request's n-th proposed token emits one more token with probability S(n), and costs the step's
         time per token; once a step speculates, a request whose acceptance is low adds tokens worth less than
         the time they add (a loaded batch) and proposes fewer. Dropping only proposals below the step's
-        average rate raises that rate; the trimmed lengths are kept where the model agrees.
+        average rate raises that rate; the trimmed lengths are kept where the model agrees. When some
+        request's draft lags, each k is also tried with only the caught-up requests proposing.
         """
         caps = np.asarray(shape.caps, dtype=np.int64)
         s = np.asarray(survivals, dtype=np.float64).reshape(len(caps), -1)  # [B, K]
         expected = _expected_table(s)
         lengths = np.minimum(np.arange(self.max_k + 1)[:, None], caps[None, :])  # [K+1, B]
-        seconds, per_token = self._step_times(shape, lengths)
+        lagging = self.draft_forwards and shape.lags is not None and max(shape.lags) > 1
+        if lagging:
+            lengths = np.concatenate([lengths, np.where(np.asarray(shape.lags)[None, :] > 1, 0, lengths)])
+        seconds, per_token = self._step_times(shape, lengths, self._catch_up(shape, lengths, expected))
         score = self._tokens(shape, lengths, expected) / seconds
         # Survival falls with n, so the proposals worth keeping are a prefix: those whose S(n) reaches the bar.
         worth = (s[None, :, :] >= (score * per_token)[:, None, None]).sum(axis=2)
         trimmed = np.minimum(lengths, worth)
         trimmed_score = self._goodputs(shape, trimmed, expected)
         better = trimmed_score > score
-        return np.where(better, trimmed_score, score), np.where(better[:, None], trimmed, lengths)
+        score, lengths = np.where(better, trimmed_score, score), np.where(better[:, None], trimmed, lengths)
+        if not lagging:
+            return score, lengths
+        variant = score.reshape(2, -1).argmax(axis=0)  # [K+1]: all requests, or the caught-up ones only
+        k = np.arange(self.max_k + 1)
+        return score.reshape(2, -1)[variant, k], lengths.reshape(2, self.max_k + 1, -1)[variant, k]
 
     def _could_pay(self, shape: StepShape, plain: float) -> bool:
         """Whether some k > 0 would beat plain decoding if every proposal were accepted."""

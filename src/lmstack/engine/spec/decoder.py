@@ -82,6 +82,9 @@ class SpecDecoder:
                           num_other_samples=sum(c.samples for c in sched.chunks) - len(decodes),
                           keys=[c.seq for c in decodes], caps=caps, num_chunks=len(sched.chunks),
                           mixed=not sched.is_decode)
+        if self.proposer.runs_model:
+            shape.lags = [self.proposer.lag(c.seq) for c in decodes]
+            shape.remaining = [self._remaining(c.seq) for c in decodes]
         lengths = self.controller.plan(shape) if decodes else []
         proposing = self._reserve(decodes, lengths, self.config.max_num_batched_tokens - sched.num_tokens)
         proposal = Proposal([])
@@ -133,10 +136,13 @@ class SpecDecoder:
             self.controller.observe_step(*self._pending, seconds)
             self._pending = None
 
+    def _remaining(self, seq: Sequence) -> int:
+        """Most tokens `seq` may still emit, within max_tokens and the context."""
+        return min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+
     def _cap(self, seq: Sequence) -> int:
         """Most tokens `seq` may propose: k + 1 tokens may come back, within max_tokens and the context."""
-        return max(0, min(self.controller.max_k, seq.params.max_tokens - seq.num_output_tokens - 1,
-                          self.max_model_len - seq.num_tokens - 1))
+        return max(0, min(self.controller.max_k, self._remaining(seq) - 1))
 
     def _reserve(self, decodes: list[ScheduledChunk], ks: list[int], budget: int) -> list[tuple[ScheduledChunk, int]]:
         """Fit the proposals into the token budget and the free KV blocks (never preempting for them)."""

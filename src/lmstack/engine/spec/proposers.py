@@ -66,6 +66,10 @@ class Proposer:
     def propose(self, seqs: list[Sequence], ks: list[int]) -> Proposal:
         raise NotImplementedError
 
+    def lag(self, seq: Sequence) -> int:
+        """Tokens of `seq` the proposer must process before proposing for it, beyond its last one."""
+        return 0
+
     def rollback(self, seq: Sequence) -> None:
         """`seq` kept only the accepted tokens (seq.num_computed is their count): drop state past them."""
 
@@ -243,6 +247,10 @@ class DraftProposer(Proposer):
                 views[i].num_computed += c.num_tokens
                 views[i].proposed.append(t)
         return Proposal([list(v.proposed) for v in views], probs, forwards, tokens)
+
+    def lag(self, seq: Sequence) -> int:
+        v = self.views.get(seq)
+        return max(0, seq.num_tokens - 1 - (v.num_computed if v is not None else 0))
 
     def rollback(self, seq: Sequence) -> None:
         v = self.views.get(seq)

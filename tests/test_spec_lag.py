@@ -1,0 +1,90 @@
+"""A draft model's lag: tokens it must catch up on before proposing, which SmartSpec charges to the step.
+
+A request admitted while k = 0 won (or that sat steps out) has a draft cache behind its target cache; its next
+proposal first runs the draft over everything it missed. That cost is paid once and spread over the request's
+remaining output, so a long lag stops speculation near a request's end but not at its start.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmstack.engine.spec.controller import StepShape
+from lmstack.models import load
+from test_spec import GREEDY, MODEL, PROMPTS, _planted, _set_acceptance, perturbed, run
+
+# 50 ms a step, 1 ms per target token, a draft forward 4 ms and 0.5 ms per draft token: speculation pays at
+# 80% acceptance when the draft is caught up (see test_a_caught_up_draft_speculates).
+CPU_LIKE = np.array([0.05, 0.001, 0.0, 0.004, 0.0005, 0.005])
+
+
+def _lagging(lags: list[int], remaining: list[int] | None) -> StepShape:
+    n = len(lags)
+    return StepShape(batched_tokens=n, kv_tokens=300 * n, num_other_samples=0, keys=list(range(n)), caps=[5] * n,
+                     lags=lags, remaining=remaining)
+
+
+def test_a_caught_up_draft_speculates() -> None:
+    ctl = _planted(CPU_LIKE)
+    _set_acceptance(ctl, 0.8, 4)
+    assert ctl.choose(_lagging([0] * 4, [40] * 4)) == 5
+
+
+@pytest.mark.parametrize("remaining, speculates", [(None, False), (5, False), (40, True), (4000, True)])
+def test_a_long_lag_is_charged_over_the_remaining_output(remaining: int | None, speculates: bool) -> None:
+    """Catching up 300 tokens costs 0.15 s per request: over 40 more tokens (~11 speculative steps instead of
+    40 plain ones) that pays, over 5 it does not, and charged in full to one step it never would."""
+    ctl = _planted(CPU_LIKE)
+    _set_acceptance(ctl, 0.8, 4)
+    shape = _lagging([300] * 4, None if remaining is None else [remaining] * 4)
+    assert (ctl.choose(shape) > 0) == speculates
+
+
+def test_caught_up_requests_propose_while_a_lagging_one_sits_out() -> None:
+    ctl = _planted(CPU_LIKE)
+    _set_acceptance(ctl, 0.8, 5)
+    assert ctl.plan(_lagging([0, 1, 0, 1, 300], [40, 40, 40, 40, 5])) == [5, 5, 5, 5, 0]
+
+
+def test_exploring_steps_skip_lagging_requests() -> None:
+    """Acceptance near zero: k = 0 wins, and every 4th step explores with one token, only where the draft
+    is caught up (exploring a lagging request would pay its whole catch-up for one token)."""
+    ctl = _planted(CPU_LIKE, explore_every=4)
+    _set_acceptance(ctl, 0.02, 4)
+    plans = [ctl.plan(_lagging([0, 1, 200, 200], [40] * 4)) for _ in range(8)]
+    assert plans == [[0] * 4] * 3 + [[1, 1, 0, 0]] + [[0] * 4] * 3 + [[1, 1, 0, 0]]
+
+
+def test_the_draft_lag_is_what_its_first_forward_catches_up(monkeypatch) -> None:
+    """In an engine whose steps alternate between proposing nothing and proposing k = 3, the draft tokens of
+    each proposal are exactly the proposing requests' lags plus their proposals; the output stays the
+    target's own (greedy)."""
+    model, tok, _ = load(MODEL, dtype="float32", device="cpu", seed=0)
+    target = (model, tok)
+    reference, _, _ = run(target, PROMPTS, GREEDY)
+    seen: list[tuple[int, int]] = []
+
+    def patch(engine) -> None:
+        controller, proposer = engine.spec.controller, engine.spec.proposer
+        plan, propose = controller.plan, proposer.propose
+        expected: list[int] = []
+
+        def alternating(shape: StepShape) -> list[int]:
+            lengths = plan(shape) if controller.steps % 2 else [0] * len(shape.caps)
+            expected.append(sum(lag + n for lag, n in zip(shape.lags, lengths, strict=True) if n > 0))
+            return lengths
+
+        def recording(seqs, ks):
+            proposal = propose(seqs, ks)
+            seen.append((expected[-1], proposal.draft_tokens))
+            return proposal
+
+        monkeypatch.setattr(controller, "plan", alternating)
+        monkeypatch.setattr(proposer, "propose", recording)
+
+    done, _, engine = run(target, PROMPTS, GREEDY, draft=perturbed(model, 0.1), speculative="draft", spec_k=3,
+                          on_engine=patch)
+    assert done == reference
+    assert len(seen) > 5 and all(want == got for want, got in seen)
+    assert engine.blocks.num_used == 0 and engine.spec.proposer.num_used_blocks == 0
