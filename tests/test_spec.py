@@ -424,12 +424,12 @@ def test_smartspec_corrects_a_nonlinear_step_time() -> None:
     assert ctl.predict(ctl.features(_shape(1), 3), 3, 1) == pytest.approx(seconds(4, 3), rel=0.05)
 
 
-def _measured(seconds, draft_forwards: bool = False) -> SmartSpec:
-    """A SmartSpec that measured steps of 1-8 decodes at every k, timed by seconds(batch, k) (1% noise);
-    steps with proposals are mixed, as the decoder records them."""
+def _measured(seconds, draft_forwards: bool = False, rounds: int = 6) -> SmartSpec:
+    """A SmartSpec that measured steps of 1-8 decodes at every k `rounds` times, timed by seconds(batch, k) (1%
+    noise); steps with proposals are mixed, as the decoder records them."""
     rng = np.random.default_rng(3)
     ctl = SmartSpec(5, draft_forwards)
-    for _ in range(6):
+    for _ in range(rounds):
         for k in range(6):
             for b in (1, 2, 4, 8):
                 f = step_features(b * (k + 1), 300 * b + b * k, k if draft_forwards else 0,

@@ -8,7 +8,7 @@ import pytest
 
 from lmstack.engine.spec.acceptance import HIT, MISS, NEW, Acceptance, expected_tokens, merge_tables
 from lmstack.engine.spec.controller import FEATURES, SmartSpec, StepShape, make_controller, merge_profiles
-from test_spec import _measured, _shape
+from test_spec import _measured, _set_rates, _shape
 
 # An n-gram-like proposer: the first token is the gamble; once it is accepted, the span nearly always continues.
 SPAN = np.array([0.4, 0.95, 0.95, 0.95, 0.95])
@@ -149,3 +149,23 @@ def test_vectorized_step_times_are_the_latency_model(draft_forwards: bool) -> No
             f = ctl.features(shape, row)
             assert s == pytest.approx(ctl.predict(f, max(row), b), rel=1e-12)
             assert t == pytest.approx(s - ctl.predict(f - one, max(row), b), rel=1e-9, abs=1e-15)
+
+
+def test_a_proposal_length_measured_dearer_than_the_model_is_avoided() -> None:
+    """Steps whose longest proposal is 5 take 30% longer than a model linear in tokens says (on the H200, steps
+    of k = 4 did so at 4-15 decodes): measured 12 times per batch size, k = 5 gets its own correction and
+    SmartSpec proposes 4 where it would otherwise propose 5; measured 6 times (< min_k_samples), it cannot
+    tell that k from the rest and keeps mostly 5."""
+
+    def linear(b: int, k: int) -> float:
+        return 0.04 + 0.004 * b + 0.0002 * b * k + (0.01 * b if k else 0.0)
+
+    def dear_five(b: int, k: int) -> float:
+        return linear(b, k) * (1.3 if k == 5 else 1.0)
+
+    for seconds, rounds, plan in ((linear, 12, [5] * 8), (dear_five, 12, [4] * 8)):
+        ctl = _measured(seconds, rounds=rounds)
+        _set_rates(ctl, [0.75] * 8)
+        assert ctl.plan(_shape(8)) == plan
+    few = _measured(dear_five, rounds=6)
+    assert few.k_correction == {}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
 import itertools
 import time
 from collections.abc import Callable
@@ -22,6 +25,21 @@ from lmstack.errors import LmstackError, RequestError
 from lmstack.models.config import ModelConfig
 from lmstack.models.llama import LlamaModel
 from lmstack.models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+def freeze_gc() -> None:
+    """Collect, then move every live object to the collector's permanent generation (`EngineConfig.freeze_gc`).
+
+    Objects freed by reference counting still go; only cyclic garbage created before this waits for exit, when
+    everything is unfrozen so that extension modules release their objects."""
+    gc.collect()
+    gc.freeze()
+    _unfreeze_at_exit()
+
+
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    atexit.register(gc.unfreeze)
 
 
 class LLMEngine:
@@ -55,6 +73,8 @@ class LLMEngine:
         self._seq_no = itertools.count()
         self.stats: dict[str, float] = {"steps": 0, "schedule_s": 0.0, "forward_s": 0.0, "sample_s": 0.0,
                                         "postprocess_s": 0.0, "graph_steps": 0}
+        if self.config.freeze_gc:
+            freeze_gc()
 
     # ----- requests -----
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,

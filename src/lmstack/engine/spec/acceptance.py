@@ -44,8 +44,10 @@ class Acceptance:
         self.accepted = np.zeros((len(STATES), max_k))
         self.tested = np.zeros((len(STATES), max_k))
         self.table = np.zeros((2, len(STATES), max_k))  # undiscounted [accepted, tested], for profiles
-        self.per_request: dict[Any, tuple[int, np.ndarray, np.ndarray]] = {}
+        self.per_request: dict[Any, tuple[int, np.ndarray]] = {}  # key -> (state, [accepted, tested] [2, max_k])
         self.total_proposed = self.total_accepted = self.total_tested = 0
+        self._fresh = (NEW, np.zeros((2, max_k)))  # a request without history of its own
+        self._hazards: np.ndarray | None = None  # `_state_hazards`, until the next observation
 
     @property
     def rate(self) -> float:
@@ -58,10 +60,12 @@ class Acceptance:
         return self._state_hazards()[state]
 
     def _state_hazards(self) -> np.ndarray:
-        """[states, max_k]: `hazards` of every state at once."""
-        m = self.shrink
-        pooled = (self.accepted.sum(axis=1) + m * self.rate) / (self.tested.sum(axis=1) + m)  # [states]
-        return (self.accepted + m * pooled[:, None]) / (self.tested + m)
+        """[states, max_k]: `hazards` of every state at once (kept until the counts change)."""
+        if self._hazards is None:
+            m = self.shrink
+            pooled = (self.accepted.sum(axis=1) + m * self.rate) / (self.tested.sum(axis=1) + m)  # [states]
+            self._hazards = (self.accepted + m * pooled[:, None]) / (self.tested + m)
+        return self._hazards
 
     def survival(self, key: Any) -> np.ndarray:
         """P(proposals 1..j all accepted) for request `key`, j = 1..max_k: its own hazards shrunk to its state's."""
@@ -70,14 +74,11 @@ class Acceptance:
     def survivals(self, keys: list[Any]) -> np.ndarray:
         """[len(keys), max_k]: `survival` of every request at once (the controller asks for a whole batch)."""
         hazards = self._state_hazards()
-        states = np.full(len(keys), NEW)
-        a, t = np.zeros((len(keys), self.max_k)), np.zeros((len(keys), self.max_k))
-        for i, key in enumerate(keys):
-            own = self.per_request.get(key)
-            if own is not None:
-                states[i], a[i], t[i] = own
-        h = (a + self.request_shrink * hazards[states]) / (t + self.request_shrink)  # no history of its own: h
-        return np.cumprod(h, axis=1)
+        rows = [self.per_request.get(key, self._fresh) for key in keys]
+        states = [state for state, _ in rows]
+        counts = np.array([c for _, c in rows]).reshape(len(keys), 2, self.max_k)
+        m = self.request_shrink  # no history of its own: its state's hazards
+        return np.cumprod((counts[:, 0] + m * hazards[states]) / (counts[:, 1] + m), axis=1)
 
     def observe(self, key: Any, proposed: int, accepted: int) -> None:
         """Request `key` proposed `proposed` tokens and the target accepted the first `accepted` of them."""
@@ -96,12 +97,13 @@ class Acceptance:
         tested = np.minimum(acc + 1, [p for _, p, _ in rows])
         states = np.empty(len(rows), dtype=np.int64)
         for i, (key, p, a) in enumerate(rows):
-            state, own_a, own_t = self.per_request.get(key, (NEW, np.zeros(self.max_k), np.zeros(self.max_k)))
+            state, own = self.per_request.get(key, self._fresh)
             states[i] = state
-            own_a, own_t = own_a * self.request_decay, own_t * self.request_decay
-            own_a[:a] += 1.0
-            own_t[: tested[i]] += 1.0
-            self.per_request[key] = (HIT if a == p else MISS, own_a, own_t)
+            own = own * self.request_decay
+            own[0, :a] += 1.0
+            own[1, : tested[i]] += 1.0
+            self.per_request[key] = (HIT if a == p else MISS, own)
+        self._hazards = None
         position = np.arange(self.max_k)[None, :]
         acc_mask, test_mask = (position < acc[:, None]).astype(np.float64), (position < tested[:, None]).astype(
             np.float64)
@@ -128,6 +130,7 @@ class Acceptance:
         """Warm start: `rate` becomes the prior, and a profile's counts (see `to_profile`) count as recent
         history of at most one discount window, so this run's own observations soon outweigh them."""
         self.prior = min(max(rate, 0.0), 1.0)
+        self._hazards = None
         if not table or table.get("states") != list(STATES):
             return
         accepted, tested = (_fit_width(np.array(table[name], dtype=np.float64), self.max_k)

@@ -27,9 +27,12 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   spreads that jump over the proposed tokens and so predicts that each extra proposal costs much more than
   it does, which made mid-sized k look better than K. Hardware is still not always linear (on CPU a 2-row
   matrix product can cost twice a 1-row one), so each (speculating or not, decode batch size) group that has
-  been measured also corrects the model by its median ratio of measured to predicted time; the speculative
-  k values share one group, since per-k medians of a few noisy steps would rank equally dear k values at
-  random. The model can be warm-started from a profile file written by an earlier run.
+  been measured also corrects the model by its median ratio of measured to predicted time. A proposal length
+  measured at least `min_k_samples` times at that batch size gets its own median, shrunk toward its group's:
+  on the H200 (n-gram lookup, SmolLM2-135M) steps whose longest proposal was 4 took 27-35% longer than the
+  model predicted at 4-15 decodes while those of k = 3 and 5 were within 10%, and SmartSpec, trimming 5 to 4,
+  chose the dearer step; with fewer samples, per-k medians of noisy steps would rank equally dear k values
+  at random. The model can be warm-started from a profile file written by an earlier run.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
   for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
   would win even if every proposal were accepted (e.g. when a speculative step costs many times a plain
@@ -52,7 +55,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import statistics
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -112,6 +114,11 @@ def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     extra token makes a step faster. Each support is solved on the normal equations of the column-scaled
     problem (at most 7 x 7), so a refit costs the same for 30 samples or 3,000: it runs between engine steps.
     """
+    used = np.flatnonzero(np.any(x != 0, axis=0))  # a feature that is always 0 (no draft model) gets 0
+    if len(used) < x.shape[1]:
+        out = np.zeros(x.shape[1])
+        out[used] = fit_nonnegative(x[:, used], y)
+        return out
     w = 1.0 / np.maximum(y, 1e-9)
     xw, yw = x * w[:, None], y * w
     scale = np.linalg.norm(xw, axis=0)
@@ -137,11 +144,6 @@ def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def size_bucket(num_decodes: int) -> int:
     """Decode batch sizes grouped by powers of two: 0 (no decode), 1, 2-3, 4-7, 8-15, ..."""
     return num_decodes.bit_length()
-
-
-def correction_group(k: int, num_decodes: int) -> tuple[bool, int]:
-    """The group whose median error corrects a prediction: speculating or not, and the decode batch size."""
-    return k > 0, size_bucket(num_decodes)
 
 
 Sample = tuple[int, np.ndarray, float]  # (decode requests, features, seconds)
@@ -237,14 +239,17 @@ class SmartSpec(Controller):
     """Each step, the k in 0..K with the best predicted goodput (see the module docstring)."""
 
     def __init__(self, max_k: int, draft_forwards: bool, refit_every: int = 16, explore_every: int = 64,
-                 min_samples: int = 2, window: int = 32) -> None:
+                 min_samples: int = 2, min_k_samples: int = 8, window: int = 32) -> None:
         super().__init__(max_k, draft_forwards, window)
         self.refit_every = refit_every
         self.explore_every = explore_every
-        self.min_samples = min_samples
+        self.min_samples, self.min_k_samples = min_samples, min_k_samples
         self._coef: np.ndarray | None = None
         self._named_coef: dict[str, float] = {}  # `coef` by feature name, for `_step_times`
-        self.correction: dict[tuple[bool, int], float] = {}  # `correction_group` -> median measured / predicted
+        # Median measured / predicted time by (speculating or not, size bucket), and by (k, size bucket) where
+        # that k was measured often enough (shrunk toward its group's).
+        self.correction: dict[tuple[bool, int], float] = {}
+        self.k_correction: dict[tuple[int, int], float] = {}
         self._since_fit = 0
         self._zero_streak = 0
         self._cycle = 0
@@ -283,21 +288,36 @@ class SmartSpec(Controller):
             counts[k] = counts.get(k, 0) + len(q)
         if sum(n >= self.min_samples for n in counts.values()) < min(3, self.max_k + 1):
             return
-        rows = [((k, n), f, t) for (k, _), q in self.samples.items() for n, f, t in q]
-        x = np.stack([f for _, f, _ in rows])  # [samples, features]
-        y = np.array([t for _, _, t in rows])
+        keys = [(k, b) for (k, b), q in self.samples.items() for _ in q]
+        x = np.stack([f for q in self.samples.values() for _, f, _ in q])  # [samples, features]
+        y = np.array([t for q in self.samples.values() for _, _, t in q])
         self.coef = fit_nonnegative(x, y)
-        ratios: dict[tuple[bool, int], list[float]] = {}
-        for ((k, n), _, _), measured, predicted in zip(rows, y, x @ self.coef, strict=True):
-            ratios.setdefault(correction_group(k, n), []).append(float(measured / max(predicted, 1e-9)))
-        self.correction = {g: statistics.median(r) for g, r in ratios.items() if len(r) >= self.min_samples}
+        ratio = y / np.maximum(x @ self.coef, 1e-9)
+        k, bucket = np.array(keys, dtype=np.int64).reshape(-1, 2).T
+        groups, medians, counts = _group_medians(bucket * 2 + (k > 0), ratio)
+        self.correction = {(bool(g % 2), g // 2): m for g, m, n in zip(groups, medians, counts, strict=True)
+                           if n >= self.min_samples}
+        self.k_correction = {}
+        m = self.min_k_samples
+        for g, median, n in zip(*_group_medians(bucket * (self.max_k + 1) + k, ratio), strict=True):
+            kk, b = g % (self.max_k + 1), g // (self.max_k + 1)
+            if kk > 0 and n >= m:  # its own median, shrunk toward its group's
+                self.k_correction[(kk, b)] = (n * median + m * self.correction.get((True, b), 1.0)) / (n + m)
 
     def predict(self, features: np.ndarray, k: int = 0, num_decodes: int = 0) -> float:
-        """Seconds of a step with these features, corrected by its `correction_group` when measured."""
+        """Seconds of a step with these features and longest proposal k, corrected (`_corrections`)."""
         if self.coef is None:
             raise RuntimeError("the latency model is not fitted yet")
         linear = max(float(features @ self.coef), 1e-9)
-        return linear * self.correction.get(correction_group(k, num_decodes), 1.0)
+        return linear * float(self._corrections(num_decodes)[min(k, self.max_k)])
+
+    def _corrections(self, num_decodes: int) -> np.ndarray:
+        """[K+1]: the correction of a step whose longest proposal is k, at this decode batch size: k's own
+        where it was measured often enough, else its group's (speculating or not), else none."""
+        b = size_bucket(num_decodes)
+        spec = self.correction.get((True, b), 1.0)
+        return np.array([self.correction.get((False, b), 1.0)]
+                        + [self.k_correction.get((k, b), spec) for k in range(1, self.max_k + 1)])
 
     def _step_times(self, shape: StepShape, lengths: np.ndarray, catch_up: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -321,9 +341,7 @@ class SmartSpec(Controller):
             linear = linear + c["draft_forwards"] * longest
             if catch_up is not None:
                 linear = linear + c["draft_tokens"] * catch_up
-        n = len(shape.caps)
-        correction = np.where(longest > 0, self.correction.get(correction_group(1, n), 1.0),
-                              self.correction.get(correction_group(0, n), 1.0))
+        correction = self._corrections(len(shape.caps))[longest]
         seconds = np.maximum(linear, 1e-9)
         return seconds * correction, (seconds - np.maximum(linear - per_token, 1e-9)) * correction
 
@@ -375,10 +393,11 @@ class SmartSpec(Controller):
         scores, lengths = self.options(shape, self.acceptance.survivals(shape.keys))
         chosen = lengths[int(np.argmax(scores))].tolist()
         self._zero_streak = self._zero_streak + 1 if max(chosen) == 0 else 0
-        if self._zero_streak >= self.explore_every and self._could_pay(shape, float(scores[0])):
+        if self._zero_streak >= self.explore_every:
             self._zero_streak = 0
-            lags = shape.lags or [0] * len(shape.caps)
-            return [min(1, c) if lag <= 1 else 0 for c, lag in zip(shape.caps, lags, strict=True)]
+            if self._could_pay(shape, float(scores[0])):
+                lags = shape.lags or [0] * len(shape.caps)
+                return [min(1, c) if lag <= 1 else 0 for c, lag in zip(shape.caps, lags, strict=True)]
         return chosen
 
     def options(self, shape: StepShape, survivals: Seq[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -418,6 +437,15 @@ class SmartSpec(Controller):
         lengths = np.minimum(np.arange(1, self.max_k + 1)[:, None], caps[None, :])  # [K, B]
         perfect = _expected_table(np.ones((len(caps), self.max_k)))
         return bool((self._goodputs(shape, lengths, perfect) > plain).any())
+
+
+def _group_medians(codes: np.ndarray, values: np.ndarray) -> tuple[list[int], list[float], list[int]]:
+    """The distinct codes, and the median and count of the values of each, in one sort."""
+    order = np.lexsort((values, codes))
+    codes, values = codes[order], values[order]
+    groups, starts, counts = np.unique(codes, return_index=True, return_counts=True)
+    medians = (values[starts + (counts - 1) // 2] + values[starts + counts // 2]) / 2
+    return groups.tolist(), medians.tolist(), counts.tolist()
 
 
 def _expected_table(survivals: Seq[np.ndarray] | np.ndarray) -> np.ndarray:
