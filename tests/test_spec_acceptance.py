@@ -137,17 +137,22 @@ def test_vectorized_step_times_are_the_latency_model(draft_forwards: bool) -> No
         b = int(rng.integers(1, 20))
         shape = StepShape(batched_tokens=b + int(rng.integers(0, 50)), kv_tokens=int(rng.integers(10, 5000)),
                           num_other_samples=0, keys=list(range(b)), caps=rng.integers(0, 6, b).tolist(),
-                          num_chunks=b + 1, mixed=bool(rng.integers(0, 2)), lags=rng.integers(0, 40, b).tolist())
+                          num_chunks=b + 1, mixed=bool(rng.integers(0, 2)), lags=rng.integers(0, 40, b).tolist(),
+                          graph_batch=int(rng.choice([0, 24, 32])), graph_len=int(rng.integers(2, 7)))
         lengths = rng.integers(0, 6, (6, b))
         expected = 1.0 + np.arange(6)[None, :] * rng.uniform(0, 1, (b, 1))
         # Without `remaining`, lags are charged in full: the draft tokens the step will measure.
         seconds, per_token = ctl._step_times(shape, lengths, ctl._catch_up(shape, lengths, expected))
-        one = np.zeros(len(FEATURES))
-        for name in ("batched_tokens", "kv_tokens") + (("draft_tokens",) if draft_forwards else ()):
-            one[FEATURES.index(name)] = 1.0
         for row, s, t in zip(lengths.tolist(), seconds, per_token, strict=True):
             f = ctl.features(shape, row)
             assert s == pytest.approx(ctl.predict(f, max(row), b), rel=1e-12)
+            # One proposed token fewer: one batched and KV token fewer, unless the step is padded to a chunk
+            # graph's rows anyway; one draft token fewer.
+            padded = shape.padded(max(row)) is not None
+            one = np.zeros(len(FEATURES))
+            for name in (() if padded else ("batched_tokens", "kv_tokens")) + (
+                    ("draft_tokens",) if draft_forwards else ()):
+                one[FEATURES.index(name)] = 1.0
             assert t == pytest.approx(s - ctl.predict(f - one, max(row), b), rel=1e-9, abs=1e-15)
 
 
@@ -169,3 +174,17 @@ def test_a_proposal_length_measured_dearer_than_the_model_is_avoided() -> None:
         assert ctl.plan(_shape(8)) == plan
     few = _measured(dear_five, rounds=6)
     assert few.k_correction == {}
+
+
+def test_chunk_graph_padding_makes_trimming_pointless() -> None:
+    """Four requests whose proposals are accepted and four whose are not, every computed row costing 20 us: run
+    as is, the rejected ones stop proposing (their rows cost time); replayed from a chunk graph, every row is
+    computed at the longest chunk's length anyway, so all propose K (a rejected proposal costs nothing)."""
+    ctl = SmartSpec(5, False)
+    ctl.coef = np.array([1e-3, 2e-5, 0.0, 0.0, 0.0, 2e-4, 0.0])
+    _set_rates(ctl, [0.98] * 4 + [0.05] * 4)
+    assert ctl.plan(_shape(8)) == [5] * 4 + [0] * 4
+    graphed = _shape(8)
+    graphed.graph_batch, graphed.graph_len = 8, 6
+    assert ctl.plan(graphed) == [5] * 8
+    assert ctl.features(graphed, [5] * 4 + [0] * 4)[FEATURES.index("batched_tokens")] == 8 * 6

@@ -14,6 +14,7 @@ from lmstack.engine.runner import ModelRunner
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.scheduler import ScheduledChunk, SchedulerOutput
 from lmstack.engine.sequence import Sequence
+from lmstack.engine.spec.controller import FEATURES
 from lmstack.models import load
 
 pytestmark = pytest.mark.gpu
@@ -95,9 +96,12 @@ def test_chunk_graph_logits_match_the_eager_forward(model) -> None:
             assert _rel(kg[1:][written], ke[1:][written]) < 1e-4 and _rel(vg[1:][written], ve[1:][written]) < 1e-4
 
 
-def _generate(m, tok, prompts: list[list[int]], draft=None, **cfg) -> tuple[dict[int, list[int]], LLMEngine]:
+def _generate(m, tok, prompts: list[list[int]], draft=None, on_engine=None, **cfg
+              ) -> tuple[dict[int, list[int]], LLMEngine]:
     engine = LLMEngine(m, tok, EngineConfig(max_model_len=1024, num_kv_blocks=256, max_num_seqs=8, **cfg),
                        draft_model=draft)
+    if on_engine is not None:
+        on_engine(engine)
     for i, p in enumerate(prompts):
         engine.add_request(p, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), request_id=str(i))
     done = {}
@@ -133,3 +137,32 @@ def test_speculation_with_chunk_graphs_generates_the_same_tokens(model, proposer
         assert accepted[0] == accepted[1] and accepted[0][1] > 0
     if proposer == "draft":
         assert engine.spec.proposer.runner.chunk_graphs and engine.spec.proposer.num_used_blocks == 0
+
+
+def test_chunk_graph_steps_are_measured_at_their_padded_size(model, monkeypatch) -> None:
+    """A chunk graph computes every row at the longest chunk's length: SmartSpec's latency samples count those
+    padded rows, and the bound the decoder gives the controller is the graph each verify step replayed."""
+    m, tok = model
+    seen = []
+
+    def hook(engine: LLMEngine) -> None:
+        observe, plan = engine.spec.controller.observe_step, engine.spec.controller.plan
+        bounds = []
+
+        def planning(shape):
+            bounds.append((shape.graph_batch, shape.graph_len))
+            return plan(shape)
+
+        def recording(k, n, features, seconds):
+            seen.append((k, bounds[-1], engine.runner.last_chunk_graph, features))
+            observe(k, n, features, seconds)
+
+        monkeypatch.setattr(engine.spec.controller, "plan", planning)
+        monkeypatch.setattr(engine.spec.controller, "observe_step", recording)
+
+    prompts = [[9, 8, 7, 6] * 10, [5, 4, 3] * 9, [11, 12, 13, 14, 15] * 6]
+    _generate(m, tok, prompts, speculative="ngram", spec_k=4, on_engine=hook)
+    graphed = [(bound, graph, f) for k, bound, graph, f in seen if k > 0 and graph is not None]
+    assert graphed
+    for (bs, max_len), (graph_bs, q), f in graphed:
+        assert graph_bs == bs and q <= max_len and f[FEATURES.index("batched_tokens")] == bs * q

@@ -95,6 +95,7 @@ class ModelRunner:
         self.graph_pool: tuple[int, int] | None = None
         self.graph_contexts = self.backend.graph_contexts(max_model_len)
         self.chunk_graph_len = 0  # longest chunk a chunk graph replays; 0: chunk graphs off
+        self.last_chunk_graph: tuple[int, int] | None = None  # (batch bucket, chunk length) the last forward replayed
         self.chunk_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
         if self.use_graphs:
@@ -221,6 +222,7 @@ class ModelRunner:
         sampling chunk), or None when no chunk samples. Decode steps replay a CUDA graph when one is captured."""
         decode_graph = self.use_graphs and sched.is_decode and len(sched.chunks) <= self.max_graph_bs
         chunk_shape = None if decode_graph else self._chunk_graph_shape(sched)
+        self.last_chunk_graph = chunk_shape
         if decode_graph or chunk_shape is not None:
             if timings is not None:
                 timings["graph_steps"] = timings.get("graph_steps", 0) + 1
@@ -325,6 +327,14 @@ class ModelRunner:
                 self.chunk_graphs[bs, q] = self._capture_chunk(bs, q)
         torch.cuda.synchronize()
         self.chunk_graph_len = max_len
+
+    def chunk_graph_bound(self, num_chunks: int) -> tuple[int, int]:
+        """(batch bucket, longest chunk) of the chunk graphs that can replay a step of `num_chunks` chunks that
+        all sample: one of longest chunk up to the bound runs padded to it; (0, 0) when none can."""
+        if not self.chunk_graph_len or not 0 < num_chunks <= self.max_graph_bs:
+            return 0, 0
+        bs = next(b for b in GRAPH_BATCH_SIZES if b >= num_chunks)
+        return bs, max((q for q in range(2, self.chunk_graph_len + 1) if (bs, q) in self.chunk_graphs), default=0)
 
     def _chunk_graph_shape(self, sched: SchedulerOutput) -> tuple[int, int] | None:
         """(batch bucket, chunk length) of the chunk graph that can replay this step, or None (run it eagerly)."""

@@ -19,7 +19,10 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   SmartSpec cut proposals whose tail would have paid.
 - Step time: a linear model of measured step times on (batched tokens, KV tokens, draft forwards, draft
   tokens, mixed, mixed sequences), fitted by non-negative least squares on relative error from recent steps,
-  kept per (k, batch size) so that rarely chosen k values are not forgotten, and refitted every few steps.
+  kept per (k, batch size) so that rarely chosen k values are not forgotten, and refitted as steps come
+  (ever less often once fitted). On CUDA a verify step replays a chunk graph that computes every request's
+  row at the longest chunk's length, so its tokens are counted padded: there, a request that proposes less
+  than the longest saves nothing, and only a shorter longest proposal does.
   A step is *mixed* when some chunk has more than one token (a prefill, or any proposal at all): it leaves
   the pure-decode fast path (split-K decode attention; on CUDA its graph) for chunked attention (eager on
   CPU, a chunk graph per (batch, chunk length) on CUDA), a jump paid once per step and once per sequence in
@@ -79,7 +82,9 @@ class StepShape:
     for a free proposer the tokens it found); `keys[i]` identifies it for its acceptance rate. Chunks that
     sample but do not decode (the last prefill chunk of a prompt) emit one token whatever k is.
     `num_chunks` counts every chunk of the step (default: the decodes); `mixed` says that one of them
-    already has more than one token (a prefill chunk), so the step is mixed whatever k is. `lags[i]` is how
+    already has more than one token (a prefill chunk), so the step is mixed whatever k is. A step of
+    decodes whose longest chunk (1 + proposals) is at most `graph_len` replays the chunk graph of batch
+    `graph_batch` (0: none), which computes every row at the longest chunk's length. `lags[i]` is how
     many tokens a draft model must catch up on for request i before its first proposal, beyond the one it
     always feeds (default: none), and `remaining[i]` the most tokens request i may still emit (default: its
     lag is charged in full).
@@ -94,10 +99,27 @@ class StepShape:
     mixed: bool = False
     lags: list[int] | None = None
     remaining: list[int] | None = None
+    graph_batch: int = 0
+    graph_len: int = 0
 
     def __post_init__(self) -> None:
         if self.num_chunks is None:
             self.num_chunks = len(self.caps)
+
+    def padded(self, longest: int) -> tuple[int, int] | None:
+        """(batched, KV tokens) of the step when its longest proposal is `longest` and it replays a chunk
+        graph: `graph_batch` rows of longest + 1 tokens each, whatever the others propose; None: run as is."""
+        q = longest + 1
+        if not self.graph_batch or longest == 0 or q > self.graph_len:
+            return None
+        return padded_tokens(self.batched_tokens, self.kv_tokens, self.graph_batch, q)
+
+
+def padded_tokens(batched_tokens: int, kv_tokens: int, graph_batch: int, q: int) -> tuple[int, int]:
+    """(batched, KV tokens) that a chunk graph of `graph_batch` rows of q tokens computes for a step of these
+    tokens: every chunk padded to q tokens (its KV too), and padding rows of q tokens."""
+    pad = graph_batch * q - batched_tokens
+    return batched_tokens + pad, kv_tokens + pad
 
 
 def step_features(batched_tokens: int, kv_tokens: int, draft_forwards: int, draft_tokens: int,
@@ -200,8 +222,9 @@ class Controller:
         mixed = shape.mixed or extra > 0
         lags = shape.lags or [0] * len(ks)
         catch_up = sum(lag for n, lag in zip(ks, lags, strict=True) if n > 0)
-        return step_features(shape.batched_tokens + extra, shape.kv_tokens + extra, forwards,
-                             extra + catch_up if self.draft_forwards else 0, shape.num_chunks if mixed else 0)
+        batched, kv = shape.padded(max(ks, default=0)) or (shape.batched_tokens + extra, shape.kv_tokens + extra)
+        return step_features(batched, kv, forwards, extra + catch_up if self.draft_forwards else 0,
+                             shape.num_chunks if mixed else 0)
 
     # ----- profiles -----
     def profile(self) -> dict[str, Any]:
@@ -238,10 +261,15 @@ class FixedK(Controller):
 class SmartSpec(Controller):
     """Each step, the k in 0..K with the best predicted goodput (see the module docstring)."""
 
-    def __init__(self, max_k: int, draft_forwards: bool, refit_every: int = 16, explore_every: int = 64,
-                 min_samples: int = 2, min_k_samples: int = 8, window: int = 32) -> None:
+    def __init__(self, max_k: int, draft_forwards: bool, refit_every: int = 16, max_refit_every: int = 256,
+                 explore_every: int = 64, min_samples: int = 2, min_k_samples: int = 8, window: int = 32) -> None:
         super().__init__(max_k, draft_forwards, window)
-        self.refit_every = refit_every
+        # Refits come after `refit_every` new steps, then twice as many each time up to `max_refit_every` (a
+        # refit costs 1-2 ms of host time, more than a small model's whole step on a GPU), and at once when a
+        # group of steps reaches the samples that give it its own correction.
+        self.refit_every, self.max_refit_every = refit_every, max_refit_every
+        self._refit_after = refit_every
+        self._new_group = False
         self.explore_every = explore_every
         self.min_samples, self.min_k_samples = min_samples, min_k_samples
         self._coef: np.ndarray | None = None
@@ -267,10 +295,14 @@ class SmartSpec(Controller):
     def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
         super().observe_step(k, num_decodes, features, seconds)
         self._since_fit += 1
+        n = len(self.samples[(k, size_bucket(num_decodes))])
+        self._new_group |= n == self.min_samples or (k > 0 and n == self.min_k_samples)
 
     def maintain(self) -> None:
         """Refit when due, off the step's critical path (`plan` fits only a model never fitted yet)."""
-        if self.coef is None or self._since_fit >= self.refit_every:
+        if self.coef is None or self._new_group or self._since_fit >= self._refit_after:
+            self._refit_after = min(2 * self._refit_after, self.max_refit_every) if self.coef is not None \
+                else self.refit_every
             self.refit()
 
     def load_profile(self, profile: dict[str, Any]) -> None:
@@ -282,7 +314,7 @@ class SmartSpec(Controller):
 
         The model is linear in k, so three measured lengths (all of them when K < 2) pin it down.
         """
-        self._since_fit = 0
+        self._since_fit, self._new_group = 0, False
         counts: dict[int, int] = {}
         for (k, _), q in self.samples.items():
             counts[k] = counts.get(k, 0) + len(q)
@@ -331,12 +363,18 @@ class SmartSpec(Controller):
         if self.coef is None:
             raise RuntimeError("the latency model is not fitted yet")
         c = self._named_coef
-        per_token = c["batched_tokens"] + c["kv_tokens"] + (c["draft_tokens"] if self.draft_forwards else 0.0)
+        draft_token = c["draft_tokens"] if self.draft_forwards else 0.0
+        per_token = c["batched_tokens"] + c["kv_tokens"] + draft_token
         extra = lengths.sum(axis=1)
         longest = lengths.max(axis=1, initial=0)
         linear = (c["intercept"] + c["batched_tokens"] * shape.batched_tokens + c["kv_tokens"] * shape.kv_tokens
                   + per_token * extra + np.where(shape.mixed | (extra > 0),
                                                  c["mixed"] + c["mixed_seqs"] * shape.num_chunks, 0.0))
+        if shape.graph_batch:  # chunk-graph rows: the target computes padded rows, a shorter proposal saves nothing
+            graphed = (longest > 0) & (longest + 1 <= shape.graph_len)
+            pad = shape.graph_batch * (longest + 1) - shape.batched_tokens - extra  # `padded_tokens`
+            linear = linear + np.where(graphed, (c["batched_tokens"] + c["kv_tokens"]) * pad, 0.0)
+            per_token = np.where(graphed, draft_token, per_token)
         if self.draft_forwards:
             linear = linear + c["draft_forwards"] * longest
             if catch_up is not None:

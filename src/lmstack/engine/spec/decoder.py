@@ -30,7 +30,7 @@ from lmstack.engine.runner import ModelRunner
 from lmstack.engine.sampler import gather_logprobs, race_noise, sampling_probs
 from lmstack.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from lmstack.engine.sequence import Sequence
-from lmstack.engine.spec.controller import Controller, StepShape, make_controller, step_features
+from lmstack.engine.spec.controller import Controller, StepShape, make_controller, padded_tokens, step_features
 from lmstack.engine.spec.proposers import PROPOSERS, Proposal, Proposer, ProposerContext
 from lmstack.engine.spec.rejection import greedy_accept, rejection_sample
 from lmstack.models.llama import LlamaModel
@@ -82,6 +82,8 @@ class SpecDecoder:
                           num_other_samples=sum(c.samples for c in sched.chunks) - len(decodes),
                           keys=[c.seq for c in decodes], caps=caps, num_chunks=len(sched.chunks),
                           mixed=not sched.is_decode)
+        if sched.is_decode:
+            shape.graph_batch, shape.graph_len = self.runner.chunk_graph_bound(len(sched.chunks))
         if self.proposer.runs_model:
             shape.lags = [self.proposer.lag(c.seq) for c in decodes]
             shape.remaining = [self._remaining(c.seq) for c in decodes]
@@ -111,8 +113,12 @@ class SpecDecoder:
         else:
             tokens, logprobs = self.runner.execute(sched, timings, launched)
             out = [([t], [lp]) for t, lp in zip(tokens, logprobs, strict=True)]
-        features = step_features(sched.num_tokens + num_spec, shape.kv_tokens + num_spec, proposal.draft_forwards,
-                                 proposal.draft_tokens, 0 if sched.is_decode else len(sched.chunks))
+        batched, kv = sched.num_tokens + num_spec, shape.kv_tokens + num_spec
+        graph = self.runner.last_chunk_graph if num_spec else None
+        if graph is not None:
+            batched, kv = padded_tokens(sched.num_tokens, shape.kv_tokens, *graph)
+        features = step_features(batched, kv, proposal.draft_forwards, proposal.draft_tokens,
+                                 0 if sched.is_decode else len(sched.chunks))
         self._pending = (max((len(c.spec_tokens) for c in sched.chunks), default=0), len(decodes), features)
         timings["spec_proposed"] = timings.get("spec_proposed", 0) + num_spec
         return out
