@@ -158,7 +158,7 @@ def test_vectorized_step_times_are_the_latency_model(draft_forwards: bool) -> No
 
 def test_a_proposal_length_measured_dearer_than_the_model_is_avoided() -> None:
     """Steps whose longest proposal is 5 take 30% longer than a model linear in tokens says (on the H200, steps
-    of k = 4 did so at 4-15 decodes): measured 12 times per batch size, k = 5 gets its own correction and
+    of k = 2 and 4 ran 10-43% over it): measured 12 times per batch size, k = 5 gets its own correction and
     SmartSpec proposes 4 where it would otherwise propose 5; measured 6 times (< min_k_samples), it cannot
     tell that k from the rest and keeps mostly 5."""
 

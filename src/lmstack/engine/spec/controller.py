@@ -31,11 +31,12 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   it does, which made mid-sized k look better than K. Hardware is still not always linear (on CPU a 2-row
   matrix product can cost twice a 1-row one), so each (speculating or not, decode batch size) group that has
   been measured also corrects the model by its median ratio of measured to predicted time. A proposal length
-  measured at least `min_k_samples` times at that batch size gets its own median, shrunk toward its group's:
-  on the H200 (n-gram lookup, SmolLM2-135M) steps whose longest proposal was 4 took 27-35% longer than the
-  model predicted at 4-15 decodes while those of k = 3 and 5 were within 10%, and SmartSpec, trimming 5 to 4,
-  chose the dearer step; with fewer samples, per-k medians of noisy steps would rank equally dear k values
-  at random. The model can be warm-started from a profile file written by an earlier run.
+  measured at least `min_k_samples` times at that batch size gets its own median, shrunk toward its group's,
+  for what a model linear in tokens misses at one k: on the H200 (n-gram lookup, SmolLM2-135M) steps of
+  k = 2 and 4 ran 10-43% over the model at 1-7 decodes while k = 1, 3 and 5 stayed within 10% (only SmartSpec
+  chose those k, and its steps include its own host time). With fewer samples, per-k medians of noisy steps
+  would rank equally dear k values at random. The model can be warm-started from a profile file written by
+  an earlier run.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
   for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
   would win even if every proposal were accepted (e.g. when a speculative step costs many times a plain
