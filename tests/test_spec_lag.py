@@ -88,3 +88,14 @@ def test_the_draft_lag_is_what_its_first_forward_catches_up(monkeypatch) -> None
     assert done == reference
     assert len(seen) > 5 and all(want == got for want, got in seen)
     assert engine.blocks.num_used == 0 and engine.spec.proposer.num_used_blocks == 0
+
+
+def test_after_a_stretch_without_speculation_a_lag_is_charged_in_full() -> None:
+    """The catch-up is spread over the output a request will emit while speculation goes on: when recent
+    steps did not speculate, that is little, so the 40-token horizon that paid above no longer does."""
+    ctl = _planted(CPU_LIKE)
+    _set_acceptance(ctl, 0.8, 4)
+    shape = _lagging([300] * 4, [40] * 4)
+    assert ctl.choose(shape) > 0
+    ctl.speculating = 0.05
+    assert ctl.choose(shape) == 0
