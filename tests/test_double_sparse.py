@@ -110,6 +110,42 @@ def test_causal_mode_with_full_budget_is_dense_and_small_budgets_keep_k_tokens()
             assert torch.allclose(out[pos, h], p @ v[keep, h // 3], atol=1e-5)
 
 
+def test_forced_sink_and_local_tokens_take_their_places_whatever_the_labels_say() -> None:
+    """Labels that rank the first and last tokens worst: the forced ones are still attended, the rest of the
+    budget goes to the label ranking, and prompt mode (every position) agrees with decode (one row)."""
+    g = torch.Generator().manual_seed(7)
+    L, H, Hkv, D = 48, 4, 2, 16
+    q = torch.randn(L, H, D, generator=g)
+    k, v = torch.randn(L, Hkv, D, generator=g), torch.randn(L, Hkv, D, generator=g)
+    channels = torch.tensor([[1, 4, 9], [0, 2, 15]])
+    assert ref.forced_counts(10, 2, 3) == (2, 3) and ref.forced_counts(4, 2, 3) == (1, 3)
+    assert ref.forced_counts(2, 2, 3) == (0, 2)
+    out = ref.ds_causal_attention(q, k, v, channels, 10, 0, D**-0.5, sink=2, local=3)
+    for pos in (5, 20, 47):
+        for h in range(H):
+            kv, ch = h // 2, channels[h // 2]
+            approx = k[: pos + 1, kv, ch] @ q[pos, h, ch]
+            forced = {0, 1, pos, pos - 1, pos - 2} if pos >= 10 else set(range(pos + 1))
+            approx[list(forced)] = float("-inf")
+            keep = sorted(forced | set(approx.topk(min(10, pos + 1) - len(forced)).indices.tolist())
+                          if len(forced) < 10 else forced)
+            p = (k[keep, kv] @ q[pos, h] * D**-0.5).softmax(0)
+            assert torch.allclose(out[pos, h], p @ v[keep, kv], atol=1e-5), (pos, h)
+    # decode of the last position through the paged ops, same rule
+    bs = 16
+    kc = k.view(L // bs, bs, Hkv, D)
+    vc = v.view(L // bs, bs, Hkv, D)
+    tables = torch.arange(L // bs, dtype=torch.int32)[None]
+    lens = torch.tensor([L], dtype=torch.int32)
+    labels = kc.gather(3, channels.expand(L // bs, bs, -1, -1))
+    q_label = q[-1:].gather(2, channels.repeat_interleave(2, 0)[None])
+    scores = ref.ds_label_scores(q_label, labels, tables, lens, sink=2, local=3)
+    assert torch.isinf(scores[0, :, [0, 1, L - 3, L - 2, L - 1]]).all() and (scores[0, :, 2:L - 3] < 1e30).all()
+    idx = ref.ds_topk(scores, lens, 10)
+    dec = ref.ds_sparse_attention(q[-1:], kc, vc, tables, idx, D**-0.5)
+    assert torch.allclose(dec[0], out[-1], atol=1e-5)
+
+
 def test_shared_selection_ranks_by_the_groups_summed_labels() -> None:
     """kv_group: every head of a group attends to the same tokens, those its summed label scores rank first;
     with one query head per KV head it is the per-head rule; a shared idx equals the repeated per-head idx."""
@@ -223,6 +259,8 @@ def test_engine_int8_labels_decode_sparsely_and_dense_layers_stay_dense(tiny_tok
     ({"channels": "first", "label_bits": 4}, "label_bits"),
     ({"channels": "first", "selection": "token"}, "selection must be one of"),
     ({"channels": "first", "score_bits": 8}, "score_bits must be 32 or 16"),
+    ({"channels": "first", "sink_tokens": -1}, "sink_tokens must be an integer >= 0"),
+    ({"channels": "first", "local_tokens": 2.5}, "local_tokens must be an integer >= 0"),
     ({"channels": "first", "topk": "heap"}, "topk must be torch or radix"),
     ({"channels": "first", "dense_layers": [7]}, "do not exist"),
     ({"channels": "first", "top_k": 3}, "unknown double_sparse option"),

@@ -98,6 +98,12 @@ def test_label_scores_match_reference(
     half = tri.ds_label_scores(q_label, labels, tables, lens, scale, out_dtype=torch.float16)
     assert half.dtype == torch.float16 and torch.equal(torch.isfinite(half), finite)
     assert rel_err(half[finite].float(), want[finite]) < 1e-3
+    # forced sink and local tokens: +inf exactly where the reference puts it, the rest unchanged
+    got = tri.ds_label_scores(q_label, labels, tables, lens, scale, sink=3, local=5)
+    want = ref.ds_label_scores(q_label, labels, tables, lens, scale, sink=3, local=5)
+    assert torch.equal(got == float("inf"), want == float("inf")) and (want == float("inf")).any()
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got)) and rel_err(got[finite], want[finite]) < tol(dtype)
 
 
 @pytest.mark.parametrize("k", [1, 16, 90, 400])

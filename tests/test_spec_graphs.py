@@ -153,8 +153,8 @@ def test_chunk_graph_steps_are_measured_at_their_padded_size(model, monkeypatch)
             bounds.append((shape.graph_batch, shape.graph_len))
             return plan(shape)
 
-        def recording(k, n, features, seconds):
-            seen.append((k, bounds[-1], engine.runner.last_chunk_graph, features))
+        def recording(k, n, features, seconds):  # a prefill-only step plans nothing: no bound yet
+            seen.append((k, bounds[-1] if bounds else None, engine.runner.last_chunk_graph, features))
             observe(k, n, features, seconds)
 
         monkeypatch.setattr(engine.spec.controller, "plan", planning)

@@ -11,6 +11,9 @@ the paper's plain |q_c k_c|), random, first-r, |q| and |k|; `ds_1_16_dense2` kee
 i.e. the exact top-k tokens at the same budget: what is lost to the token budget alone, not to the labels;
 `*_kv_group` share one token list per KV head (the GQA-friendly selection the speed benchmark also times);
 `ds_1_16_bytes_int8` spends the label bytes of 1/16 differently: twice the channels (head_dim/8) in int8.
+Every label-ranked variant forces the backend's default sink and local tokens into its budget (4 + 16 of
+the 64 places at the end of a 1024 window), except `*_labels_only`, where the labels pick all of them (the
+paper's rule), and `exact_top_1_16`, which is the pure exact top-k.
 
 Retrieval: generated `key: value` lists of several lengths through the real engine (`LLM`), dense vs the
 `double_sparse` backend (sparse decode, budget = 1/16 of the context, dense prefill). The first answer
@@ -58,15 +61,22 @@ class Variant:
     all_channels: bool = False  # labels = all of K: the exact top-k tokens, the best any channel choice can do
     selection: str = "head"  # kv_group: one token list per KV head, ranked by the group's summed label scores
     channel_sparsity: int | None = None  # r = head_dim / this (default: `sparsity`, the token fraction's too)
+    forced: bool = True  # the backend's default sink and local tokens take their places in the budget
 
     def r(self, head_dim: int) -> int:
         return head_dim if self.all_channels else max(1, head_dim // (self.channel_sparsity or self.sparsity))
+
+    def forced_tokens(self) -> dict[str, int]:
+        """The sink/local options of this variant: the backend's defaults, or none."""
+        return {} if self.forced else {"sink_tokens": 0, "local_tokens": 0}
 
 
 VARIANTS: dict[str, Variant] = {
     "dense": Variant(),
     "ds_1_8": Variant("qkc", 8),
     "ds_1_16": Variant("qkc", 16),
+    "ds_1_8_labels_only": Variant("qkc", 8, forced=False),
+    "ds_1_16_labels_only": Variant("qkc", 16, forced=False),
     "qk_channels_1_16": Variant("qk", 16),
     "random_channels_1_16": Variant("random", 16),
     "first_channels_1_16": Variant("first", 16),
@@ -74,10 +84,12 @@ VARIANTS: dict[str, Variant] = {
     "k_channels_1_16": Variant("k", 16),
     "ds_1_16_int8": Variant("qkc", 16, label_bits=8),
     "ds_1_16_dense2": Variant("qkc", 16, dense_layers=(0, 1)),
-    "exact_top_1_16": Variant("qkc", 16, all_channels=True),
+    "exact_top_1_16": Variant("qkc", 16, all_channels=True, forced=False),
     "ds_1_8_kv_group": Variant("qkc", 8, selection="kv_group"),
     "ds_1_16_kv_group": Variant("qkc", 16, selection="kv_group"),
     "ds_1_16_bytes_int8": Variant("qkc", 16, label_bits=8, channel_sparsity=8),
+    "ds_1_16_bytes_int8_kv_group": Variant("qkc", 16, label_bits=8, channel_sparsity=8, selection="kv_group"),
+    "ds_1_16_bytes_int8_labels_only": Variant("qkc", 16, label_bits=8, channel_sparsity=8, forced=False),
 }
 
 
@@ -93,11 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-windows", type=int, default=8,
                         help="windows per model, spread evenly over the test text (default 8)")
     parser.add_argument("--ppl-variants",
-                        default="dense,ds_1_8,ds_1_16,qk_channels_1_16,random_channels_1_16,first_channels_1_16",
+                        default="dense,ds_1_8,ds_1_16,ds_1_16_labels_only,qk_channels_1_16,random_channels_1_16,"
+                                "first_channels_1_16",
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--retrieval-lengths", default="512,1024,2048", help="prompt lengths in tokens")
     parser.add_argument("--retrieval-samples", type=int, default=8, help="samples per length (default 8)")
-    parser.add_argument("--retrieval-variants", default="dense,ds_1_16", help="comma-separated variants")
+    parser.add_argument("--retrieval-variants", default="dense,ds_1_16,ds_1_16_labels_only",
+                        help="comma-separated variants")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--output", default="benchmarks/results/double_sparsity_quality.json")
@@ -180,7 +194,7 @@ def _ppl_context(variant: Variant, channels_path: Path, cfg: Any, window: int) -
     ds = DoubleSparseConfig(channels=str(channels_path), rule=variant.rule, r=r,
                             token_budget=window // variant.sparsity, dense_below=0, sparse_prefill=True,
                             label_bits=variant.label_bits, dense_layers=list(variant.dense_layers),
-                            selection=variant.selection)
+                            selection=variant.selection, **variant.forced_tokens())
     channels, _ = resolve_channels(ds.channels, cfg, ds.rule, ds.r, ds.seed)
     return DoubleSparseAttention(None, channels, ds)
 
@@ -226,7 +240,8 @@ def run_retrieval(model_name: str, args: argparse.Namespace, variants: list[str]
             head_dim = ChannelFile.load(channels_path).model["head_dim"]
             options = {"channels": str(channels_path), "rule": variant.rule, "r": variant.r(head_dim),
                        "label_bits": variant.label_bits, "token_budget": 1 / variant.sparsity,
-                       "dense_layers": list(variant.dense_layers), "selection": variant.selection}
+                       "dense_layers": list(variant.dense_layers), "selection": variant.selection,
+                       **variant.forced_tokens()}
         max_len = max(lengths) + 32
         llm = LLM(model_name, dtype=args.dtype, device=args.device, max_model_len=max_len,
                   num_kv_blocks=args.retrieval_samples * -(-max_len // 16) + 1, block_size=16,
@@ -320,7 +335,9 @@ def run(args: argparse.Namespace) -> None:
     write_results(args.output, command, metrics, device=None if args.device == "auto" else args.device,
                   settings={"ppl": "every position attends to the top window/k tokens of its causal past by the label "
                                    "estimate, r = head_dim/k channels (k = 8 or 16); *_late: second half of each "
-                                   "window only", "retrieval": "engine decode, token budget = context/16, "
+                                   "window only", "forced": "label-ranked variants but *_labels_only and exact_top "
+                                   "force the backend's default sink and local tokens into the budget",
+                                   "retrieval": "engine decode, token budget = context/16, "
                                    "r = head_dim/16, prefill dense; greedy; exact match of the 6-digit value"})
     print(json.dumps(metrics, indent=2))
     return 0

@@ -38,6 +38,8 @@ NOTES = [
     "gather, label scoring, top-k (torch.topk, sorted=False) and the sparse attention",
     "s16: kv_group with the approximate scores stored in bf16 (score_bits=16), which halves the top-k's bytes",
     "radix: s16 with the top-k by radix_topk (histogram passes + a compaction in Triton) instead of torch.topk",
+    "int8 (e2e only): s16 with int8 labels of twice the channels (2r, label_bits=8): the label bytes of r "
+    "16-bit channels, the configuration whose perplexity the quality benchmark reports as ds_1_16_bytes_int8",
     "per head: one top-k list per query head (the double_sparse backend); kv_group: one list per KV head "
     "from the group's summed label scores. Under GQA (G query heads per KV head) per-head lists gather "
     "G x more K/V rows than kv_group lists, so the per-head byte saving at 1/16 is at most 16/G",
@@ -128,7 +130,7 @@ def _attention(model_cfg: Any, r: int, fraction: float, args: argparse.Namespace
     return {"checks": checks, "rows": rows, "r": r, "fraction": fraction}
 
 
-def _e2e(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _e2e(model: Any, tokenizer: Any, r: int, args: argparse.Namespace) -> dict[str, Any]:
     from lmstack.bench.step_split import measure_step_split
     from lmstack.engine.attention.double_sparse import DoubleSparseConfig
     from lmstack.engine.config import EngineConfig
@@ -144,7 +146,9 @@ def _e2e(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]
                                    ("double_sparse_kv_group", "double_sparse", kv_group),
                                    ("double_sparse_kv_group_s16", "double_sparse", {**kv_group, "score_bits": 16}),
                                    ("double_sparse_kv_group_s16_radix", "double_sparse",
-                                    {**kv_group, "score_bits": 16, "topk": "radix"})):
+                                    {**kv_group, "score_bits": 16, "topk": "radix"}),
+                                   ("double_sparse_kv_group_s16_int8", "double_sparse",
+                                    {**kv_group, "score_bits": 16, "label_bits": 8, "r": 2 * r})):
         # Room for the decode steps the first sequences take while the last prompts are prefilled in chunks.
         prefill_steps = args.e2e_batch * (args.e2e_context // EngineConfig.max_num_batched_tokens + 1)
         config = EngineConfig(max_num_seqs=args.e2e_batch,
@@ -170,6 +174,7 @@ def _e2e(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]
             "speedup_kv_group": runs["double_sparse_kv_group"]["tok_s"] / runs["dense"]["tok_s"],
             "speedup_kv_group_s16": runs["double_sparse_kv_group_s16"]["tok_s"] / runs["dense"]["tok_s"],
             "speedup_kv_group_s16_radix": runs["double_sparse_kv_group_s16_radix"]["tok_s"] / runs["dense"]["tok_s"],
+            "speedup_kv_group_s16_int8": runs["double_sparse_kv_group_s16_int8"]["tok_s"] / runs["dense"]["tok_s"],
             "speedup_vs_dense_eager": runs["double_sparse"]["tok_s"] / runs["dense"]["eager_tok_s"]}
 
 
@@ -202,11 +207,13 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
         m["e2e_decode_speedup_kv_group"] = results["e2e"]["speedup_kv_group"]
         m["e2e_decode_speedup_kv_group_s16"] = results["e2e"]["speedup_kv_group_s16"]
         m["e2e_decode_speedup_kv_group_s16_radix"] = results["e2e"]["speedup_kv_group_s16_radix"]
+        m["e2e_decode_speedup_kv_group_s16_int8"] = results["e2e"]["speedup_kv_group_s16_int8"]
         m["e2e_decode_tok_s"] = {k: v["tok_s"] for k, v in results["e2e"]["runs"].items()}
     modes = results.get("offload", {}).get("modes", {})
     if "ds_offload_head" in modes:
         m["offload_speedup"] = modes["ds_offload_head"]["speedup_vs_full"]
         m["offload_speedup_kv_group"] = modes["ds_offload_kv_group"]["speedup_vs_full"]
+        m["offload_speedup_kv_group_no_prefetch"] = modes["ds_offload_kv_group_no_prefetch"]["speedup_vs_full"]
         m["offload_context"] = results["offload"]["context"]
     return {**m, **results}
 
@@ -275,7 +282,8 @@ def print_table(m: dict[str, Any]) -> None:
     for key in ("attn_speedup_1_16_max", "attn_speedup_1_16_max_kv_group", "attn_speedup_1_16_max_kv_group_s16",
                 "attn_speedup_1_16_max_kv_group_s16_radix", "e2e_decode_speedup", "e2e_decode_speedup_kv_group",
                 "e2e_decode_speedup_kv_group_s16", "e2e_decode_speedup_kv_group_s16_radix",
-                "offload_speedup", "offload_speedup_kv_group"):
+                "e2e_decode_speedup_kv_group_s16_int8", "offload_speedup", "offload_speedup_kv_group",
+                "offload_speedup_kv_group_no_prefetch"):
         if key in m:
             print(f"{key}: {m[key]:.2f}")
 
@@ -297,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     command += " --contexts " + ",".join(map(str, args.contexts)) + " --batches " + ",".join(map(str, args.batches))
     command += f" --output {shlex.quote(str(output))}"
     runners = {"attention": lambda: _attention(model_cfg, r, fraction, args),
-               "e2e": lambda: _e2e(model, tokenizer, args),
+               "e2e": lambda: _e2e(model, tokenizer, r, args),
                "offload": lambda: _offload(model, model_cfg, channels, fraction, args)}
     metrics: dict[str, Any] = {}
     for name in PARTS:

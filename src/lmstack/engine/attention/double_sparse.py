@@ -4,7 +4,10 @@ Beside the paged KV cache each sparse layer keeps a *label cache* [num_blocks, b
 calibrated channels of every token's K (after RoPE), written at the same slots as K, in the KV dtype or
 as int8 with one fp16 scale per token and head. A decode query reads only the labels to estimate its
 scores, keeps the top-k tokens per head, and attends exactly to those: r/D of the key bytes plus k/S of
-the KV bytes instead of all of them.
+the KV bytes instead of all of them. Of the k places, the first `sink_tokens` and the last `local_tokens`
+of the context are taken whatever the labels say: the attention sink and the neighbourhood a language
+model leans on most are where a few label channels misrank most costly (on Qwen2.5-Coder-1.5B at 1/16
+they cut the wikitext-2 perplexity excess over dense from +39% to +11%).
 
 Prefill stays dense (the technique targets decode), unless `sparse_prefill` asks every prompt position
 to attend sparsely to its own causal past: the mode perplexity is measured in. Decode is dense for
@@ -80,6 +83,8 @@ class DoubleSparseConfig:
     r: int | None = None  # label channels per KV head (default: the file's r, or head_dim // 16)
     seed: int = 0  # for the random rule
     token_budget: float | int = 1 / 16  # tokens attended per decode query: fraction of the context, or a count
+    sink_tokens: int = 4  # the context's first tokens, always among those attended (they count in the budget)
+    local_tokens: int = 16  # the context's most recent tokens, always attended (they count in the budget)
     dense_below: int = 256  # sequences shorter than this decode densely
     dense_layers: list[int] = field(default_factory=list)  # layers that always attend densely (no label cache)
     label_bits: int = 16  # 16: labels in the KV dtype; 8: int8 labels + an fp16 scale per token and head
@@ -93,6 +98,10 @@ class DoubleSparseConfig:
         self.token_budget = parse_budget(self.token_budget)
         if self.r is not None and (not isinstance(self.r, int) or self.r < 1):
             raise LmstackError(f"double_sparse r must be a positive integer, got {self.r!r}")
+        for name in ("sink_tokens", "local_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LmstackError(f"double_sparse {name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.dense_below, int) or self.dense_below < 0:
             raise LmstackError(f"double_sparse dense_below must be an integer >= 0, got {self.dense_below!r}")
         if self.score_bits not in (16, 32):
@@ -314,8 +323,10 @@ class DoubleSparseAttention(AttentionBackend):
             hkv, r = labels.shape[2], labels.shape[3]
             q_label = q_label.view(b, hkv, hq // hkv, r).sum(2, dtype=torch.float32).to(q.dtype)  # [b, Hkv, r]
         out_dtype = torch.bfloat16 if self.config.score_bits == 16 else torch.float32
+        sink, local = ref.forced_counts(min(keeps), self.config.sink_tokens, self.config.local_tokens)
         scores = self.ops.ds_label_scores(q_label, labels, block_tables, seq_lens, label_scale,
-                                          max_seq_len=max(seq_lens_cpu), out_dtype=out_dtype)  # [b, rows, S]
+                                          max_seq_len=max(seq_lens_cpu), out_dtype=out_dtype,
+                                          sink=sink, local=local)  # [b, rows, S]
         if self.ops is ref:
             idx = ref.ds_topk(scores, seq_lens, max(keeps))
         else:
@@ -337,7 +348,8 @@ class DoubleSparseAttention(AttentionBackend):
         cfg = self.config
         return ref.ds_causal_attention(q, k, v, self.channels[self.layer], cfg.token_budget, cfg.dense_below, scale,
                                        offset=offset, quantized_labels=cfg.label_bits == 8,
-                                       shared=cfg.selection == "kv_group")
+                                       shared=cfg.selection == "kv_group", sink=cfg.sink_tokens,
+                                       local=cfg.local_tokens)
 
 
 def _trim_to_budget(idx: torch.Tensor, scores: torch.Tensor, keeps: list[int]) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Decode (one new query per sequence) runs in three steps: estimate every cached token's score from the
 label cache (the r calibrated channels of K), keep the top-k tokens per query head, and attend exactly
-(softmax over the kept tokens only). Shapes: B sequences, Hq query heads, Hkv KV heads (GQA group
-G = Hq // Hkv; query head h reads KV head h // G), D head dim, r label channels, S_max the longest context.
+(softmax over the kept tokens only). The first `sink` and last `local` tokens of a context may be forced
+into the top-k (their estimate is set to +inf): they take that many of the k places whatever the labels say.
+Shapes: B sequences, Hq query heads, Hkv KV heads (GQA group G = Hq // Hkv; query head h reads KV head
+h // G), D head dim, r label channels, S_max the longest context.
 Label cache and KV cache share one paged layout [num_blocks, block_size, Hkv, ·] and one block table.
 
 `ds_causal_attention` is the same rule applied to every position of a prompt (each query attends to the
@@ -48,14 +50,16 @@ def ds_label_scores(
     *,
     max_seq_len: int | None = None,
     out_dtype: torch.dtype = torch.float32,
+    sink: int = 0,
+    local: int = 0,
 ) -> torch.Tensor:
     """Approximate (unscaled) scores q_label · label of every cached token.
 
     q_label [B, Hq, r] (the query's calibrated channels; or [B, Hkv, r], one query per KV group) · label_cache
     [num_blocks, block_size, Hkv, r] (16-bit, or int8 with label_scale [num_blocks, block_size, Hkv]) ·
     block_tables [B, max_blocks] int32 · seq_lens [B] int32 → scores [B, Hq, S_max] float32, -inf at
-    positions >= seq_len, summed in fp32 and returned as `out_dtype`. `max_seq_len` is the batch's longest
-    context when the caller knows it.
+    positions >= seq_len, summed in fp32 and returned as `out_dtype`, +inf at the forced positions (< sink,
+    or >= seq_len - local). `max_seq_len` is the batch's longest context when the caller knows it.
     """
     B, Hq, r = q_label.shape
     block_size, Hkv = label_cache.shape[1], label_cache.shape[2]
@@ -68,6 +72,8 @@ def ds_label_scores(
     labels = dequantize_labels(flat[slots], None if flat_scale is None else flat_scale[slots])  # [B, S, Hkv, r]
     q_grouped = q_label.float().view(B, Hkv, Hq // Hkv, r)
     scores = torch.einsum("bngr,bsnr->bngs", q_grouped, labels).reshape(B, Hq, s_max)  # [B, Hq, S]
+    forced = valid & ((pos < sink) | (pos >= seq_lens.to(q_label.device).long()[:, None] - local))  # [B, S]
+    scores = scores.masked_fill(forced[:, None, :], float("inf"))
     return scores.masked_fill(~valid[:, None, :], float("-inf")).to(out_dtype)
 
 
@@ -133,6 +139,12 @@ def budget_per_position(ctx_lens: torch.Tensor, token_budget: float | int, dense
     return torch.where(ctx_lens < dense_below, ctx_lens, keep)
 
 
+def forced_counts(keep: int, sink: int, local: int) -> tuple[int, int]:
+    """(sink, local) tokens forced into a budget of `keep`: the recent ones first, never more than `keep`."""
+    local = min(local, keep)
+    return min(sink, keep - local), local
+
+
 def ds_causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -145,14 +157,17 @@ def ds_causal_attention(
     quantized_labels: bool = False,
     head_chunk: int = 4,
     shared: bool = False,
+    sink: int = 0,
+    local: int = 0,
 ) -> torch.Tensor:
     """Every query attends exactly to the top-k tokens of its own causal past, ranked by the label estimate.
 
     q [L, Hq, D] at positions offset..offset+L-1 · k, v [S, Hkv, D] at 0..S-1 (S = offset + L) · channels
     [Hkv, r] · the budget rule of `budget_per_position` → out [L, Hq, D]. `quantized_labels` estimates from
     int8-rounded key labels, as the 8-bit label cache stores them. `shared` ranks tokens once per KV head by
-    the group's summed label scores (the `kv_group` selection). Query heads are processed `head_chunk` at a
-    time to bound the [heads, L, S] score matrices.
+    the group's summed label scores (the `kv_group` selection). Each query's first `sink` and last `local`
+    tokens are forced in, counted as `forced_counts` does for a decode row. Query heads are processed
+    `head_chunk` at a time to bound the [heads, L, S] score matrices.
     """
     L, Hq, D = q.shape
     S, Hkv = k.shape[0], k.shape[1]
@@ -162,6 +177,10 @@ def ds_causal_attention(
     keep = budget_per_position(q_pos + 1, token_budget, dense_below)  # [L]
     k_max = int(keep.max().item())
     rank_ok = torch.arange(k_max, device=q.device)[None, :] < keep[:, None]  # [L, k_max]
+    n_local = keep.clamp(max=local)  # [L]
+    n_sink = (keep - n_local).clamp(max=sink)
+    pos = torch.arange(S, device=q.device)[None, :]
+    forced = causal & ((pos < n_sink[:, None]) | (pos > q_pos[:, None] - n_local[:, None]))  # [L, S]
     out = torch.empty_like(q)
     for h0 in range(0, Hq, head_chunk):
         heads = torch.arange(h0, min(Hq, h0 + head_chunk), device=q.device)
@@ -180,6 +199,7 @@ def ds_causal_attention(
         else:
             q_lab = torch.gather(qh, 2, ch[:, None, :].expand(-1, L, -1))  # [h, L, r]
         approx = (q_lab @ k_lab.transpose(1, 2)).masked_fill(~causal, float("-inf"))  # [h, L, S]
+        approx = approx.masked_fill(forced, float("inf"))
         top = approx.topk(k_max, dim=-1).indices  # [h, L, k_max]
         chosen = torch.zeros_like(approx, dtype=torch.bool)
         chosen.scatter_(2, top, rank_ok.expand(len(heads), -1, -1))

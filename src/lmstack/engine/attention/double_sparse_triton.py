@@ -50,12 +50,13 @@ def _label_scores_kernel(
     stride_lb, stride_lt,
     stride_sb, stride_st,
     stride_bt, stride_ob, stride_oh,
-    s_max,
+    s_max, sink, local,
     ROWS: tl.constexpr, ROWS_PER_KV: tl.constexpr, R: tl.constexpr, HR: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_HR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, token tile): the scores of every query row; -inf past the sequence's end.
+    """One (sequence, token tile): the scores of every query row; -inf past the sequence's end, +inf at the
+    forced positions (the first `sink` and the last `local` of the sequence).
 
     A token's labels for all KV heads are one contiguous run of HR = Hkv * r values, so the tile is read as
     one coalesced [BLOCK_N, HR] block. Each query row only meets its own KV head's r columns: q is loaded
@@ -88,6 +89,8 @@ def _label_scores_kernel(
         scale = tl.load(scale_ptr + block[None, :] * stride_sb + slot[None, :] * stride_st + kv_of_row[:, None],
                         mask=row_mask[:, None] & valid[None, :], other=0.0)
         s = s * scale.to(tl.float32)
+    forced = (tok < sink) | (tok >= seq_len - local)
+    s = tl.where(forced[None, :], float("inf"), s)
     s = tl.where(valid[None, :], s, float("-inf"))
     tl.store(out, s.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -101,14 +104,16 @@ def ds_label_scores(
     *,
     max_seq_len: int | None = None,
     out_dtype: torch.dtype = torch.float32,
+    sink: int = 0,
+    local: int = 0,
 ) -> torch.Tensor:
     """Approximate (unscaled) scores q_label · label of every cached token; see `double_sparse_ref`.
 
     q_label [B, Hq, r] (or [B, Hkv, r]: one query per KV group) · label_cache [num_blocks, block_size, Hkv,
     r] (16-bit, or int8 with label_scale [num_blocks, block_size, Hkv]) · block_tables [B, max_blocks] int32 ·
     seq_lens [B] int32 → scores [B, rows, S_max] (summed in fp32, stored as out_dtype), -inf at positions
-    >= seq_len. `max_seq_len` (the batch's longest context, known on the host) avoids reading seq_lens back
-    from the device.
+    >= seq_len, +inf at the forced ones (< sink, or >= seq_len - local). `max_seq_len` (the batch's longest
+    context, known on the host) avoids reading seq_lens back from the device.
     """
     batch, rows, r = q_label.shape
     block_size, n_kv = label_cache.shape[1], label_cache.shape[2]
@@ -139,7 +144,7 @@ def ds_label_scores(
         label_cache.stride(0), label_cache.stride(1),
         scale.stride(0), scale.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        s_max,
+        s_max, sink, local,
         ROWS=rows, ROWS_PER_KV=rows // n_kv, R=r, HR=n_kv * r,
         BLOCK_ROWS=_pow2_at_least_16(rows), BLOCK_HR=block_hr, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, QUANT=quant, DOT_PRECISION=_dot_precision(q_label),
