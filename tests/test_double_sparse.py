@@ -111,7 +111,7 @@ def test_causal_mode_with_full_budget_is_dense_and_small_budgets_keep_k_tokens()
 
 
 def test_forced_sink_and_local_tokens_take_their_places_whatever_the_labels_say() -> None:
-    """Labels that rank the first and last tokens worst: the forced ones are still attended, the rest of the
+    """The first `sink` and last `local` tokens are attended whatever their label scores, the rest of the
     budget goes to the label ranking, and prompt mode (every position) agrees with decode (one row)."""
     g = torch.Generator().manual_seed(7)
     L, H, Hkv, D = 48, 4, 2, 16
