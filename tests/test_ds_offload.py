@@ -129,13 +129,14 @@ def test_offload_with_every_token_equals_dense(tiny, selection: str) -> None:
 @pytest.mark.parametrize("selection", ["head", "kv_group"])
 def test_offload_decode_matches_reference_ops(tiny, selection: str) -> None:
     """Without prefetch, a decode layer is: top-k of the label scores over the past tokens (per query head, or
-    per KV head from the group's summed scores), plus the current token, attended exactly."""
+    per KV head from the group's summed scores; the sink and local tokens forced in), plus the current token,
+    attended exactly."""
     model, cfg = tiny
     prompts, tables, num_blocks = setup(cfg, [60, 23, 45], 1, seed=3)
     budget = 9
     backend = DoubleSparseOffload(host_cache(cfg, num_blocks), random_channels(cfg, 4, 1),
                                   OffloadConfig(token_budget=budget, dense_below=0, selection=selection,
-                                                prefetch=False), max_batch=3)
+                                                sink_tokens=2, local_tokens=3, prefetch=False), max_batch=3)
     greedy(model, backend, prompts, 0, tables)  # fills the host and label caches with real K/V
     gen = torch.Generator().manual_seed(4)
     n_heads, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -154,7 +155,10 @@ def test_offload_decode_matches_reference_ops(tiny, selection: str) -> None:
     q_label = q.gather(2, ch.repeat_interleave(group, 0).expand(3, -1, -1))
     if selection == "kv_group":
         q_label = q_label.view(3, n_kv, group, -1).sum(2)
-    idx = ref.ds_topk(ref.ds_label_scores(q_label, backend.labels[1], tables, past), past, budget)
+    scores = ref.ds_label_scores(q_label, backend.labels[1], tables, past, sink=2, local=3)
+    idx = ref.ds_topk(scores, past, budget)
+    for b, n in enumerate(lens):  # the first 2 and the last 3 past tokens are among every list
+        assert all(set(range(2)) | set(range(n - 3, n)) <= set(row.tolist()) for row in idx[b])
     if selection == "kv_group":
         idx = idx.repeat_interleave(group, 1)
     current = past.view(3, 1, 1).expand(3, n_heads, 1)
@@ -185,6 +189,8 @@ def test_offload_rejects_bad_settings(tiny) -> None:
     model, cfg = tiny
     with pytest.raises(LmstackError, match="selection"):
         OffloadConfig(selection="tokens")
+    with pytest.raises(LmstackError, match="local_tokens"):
+        OffloadConfig(local_tokens=-1)
     with pytest.raises(LmstackError, match="model="):
         DoubleSparseOffload(host_cache(cfg, 4), random_channels(cfg, 4, 0), OffloadConfig())
 

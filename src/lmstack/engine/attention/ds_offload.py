@@ -7,7 +7,9 @@ that cross the bus. Two ways to attend over it, both driven by the model's usual
   pinned-memory copy at full bus speed), double-buffered on a side stream two layers ahead, then dense paged
   attention runs on the copy.
 - `DoubleSparseOffload` (arXiv 2408.07092, section 4.3): only the label cache (r channels of K per token)
-  lives on the GPU. A query scores the labels, keeps the top-k past tokens, and a Triton kernel reads just
+  lives on the GPU. A query scores the labels, keeps the top-k past tokens (of which the first `sink_tokens`
+  and the last `local_tokens` are taken whatever the labels say, as in the `double_sparse` backend), and a
+  Triton kernel reads just
   those K/V rows out of host memory (zero-copy: pinned memory is mapped into the GPU's address space) into a
   small GPU buffer, where the dense kernel attends to them plus the current token. With `prefetch` (the
   paper's scheme) layer i+1's selection and fetch run on a side stream while layer i computes: layer i's
@@ -33,6 +35,7 @@ import triton
 
 from lmstack.engine.attention import AttentionBackend, _sdpa_causal
 from lmstack.engine.attention.double_sparse import parse_budget
+from lmstack.engine.attention.double_sparse_ref import forced_counts
 from lmstack.engine.attention.double_sparse_triton import ds_label_scores, ds_topk
 from lmstack.engine.attention.ds_host_kv import HostKVCache, gather_rows
 from lmstack.engine.attention.torch_ref import gather_kv
@@ -150,6 +153,8 @@ class FullKVStreaming(_HostKVAttention):
 class OffloadConfig:
     token_budget: float | int = 1 / 16  # past tokens fetched per query: a fraction of the context, or a count
     dense_below: int = 256  # shorter contexts fetch every past token
+    sink_tokens: int = 4  # the context's first tokens, always fetched (they count in the budget)
+    local_tokens: int = 16  # the most recent past tokens, always fetched (they count in the budget)
     selection: str = "head"  # head: one top-k list per query head; kv_group: one per KV head (GQA)
     prefetch: bool = True  # select and fetch layer i+1 on a side stream while layer i computes
 
@@ -159,6 +164,10 @@ class OffloadConfig:
             raise LmstackError(f"offload selection must be 'head' or 'kv_group', got {self.selection!r}")
         if not isinstance(self.dense_below, int) or self.dense_below < 0:
             raise LmstackError(f"dense_below must be an integer >= 0, got {self.dense_below!r}")
+        for name in ("sink_tokens", "local_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LmstackError(f"offload {name} must be an integer >= 0, got {value!r}")
 
     def keep(self, past: int) -> int:
         """Past tokens fetched for a query over `past` cached tokens."""
@@ -278,8 +287,9 @@ class DoubleSparseOffload(_HostKVAttention):
         q_label = q.gather(2, ch.repeat_interleave(group, dim=0).expand(batch, -1, -1))  # [B, Hq, r]
         if self.config.selection == "kv_group":
             q_label = q_label.view(batch, n_kv, group, r).sum(2)  # [B, Hkv, r]
+        sink, local = forced_counts(st.k, self.config.sink_tokens, self.config.local_tokens)
         scores = ds_label_scores(q_label, self.labels[layer], st.meta.block_tables, st.past_lens,
-                                 max_seq_len=st.past_max)
+                                 max_seq_len=st.past_max, sink=sink, local=local)
         if st.k > 0:
             # Descending positions: neighbouring list entries share blocks (and host pages); -1s stay at the tail.
             idx = ds_topk(scores, st.past_lens, st.k).sort(-1, descending=True).values
