@@ -9,12 +9,11 @@ that cross the bus. Two ways to attend over it, both driven by the model's usual
 - `DoubleSparseOffload` (arXiv 2408.07092, section 4.3): only the label cache (r channels of K per token)
   lives on the GPU. A query scores the labels, keeps the top-k past tokens (of which the first `sink_tokens`
   and the last `local_tokens` are taken whatever the labels say, as in the `double_sparse` backend), and a
-  Triton kernel reads just
-  those K/V rows out of host memory (zero-copy: pinned memory is mapped into the GPU's address space) into a
-  small GPU buffer, where the dense kernel attends to them plus the current token. With `prefetch` (the
-  paper's scheme) layer i+1's selection and fetch run on a side stream while layer i computes: layer i's
-  attention input, projected with layer i+1's query weights, stands in for layer i+1's query (the residual
-  stream changes little between consecutive layers). Layer 0 selects with its true query.
+  Triton kernel reads just those K/V rows out of host memory (zero-copy: pinned memory is mapped into the
+  GPU's address space) into a small GPU buffer, where the dense kernel attends to them plus the current
+  token. With `prefetch` (the paper's scheme) layer i+1's selection and fetch run on a side stream while
+  layer i computes: layer i's attention input, projected with layer i+1's query weights, stands in for layer
+  i+1's query (the residual stream changes little between consecutive layers). Layer 0 selects with its true query.
 
 Selection is per query head (as the `double_sparse` backend does) or, with `selection="kv_group"`, one list
 per KV head from the group's summed label scores, which moves G times fewer bytes under GQA.
