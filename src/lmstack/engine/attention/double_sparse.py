@@ -58,6 +58,13 @@ def parse_budget(text: str | float | int) -> float | int:
     return value
 
 
+def check_forced_tokens(owner: str, sink_tokens: object, local_tokens: object) -> None:
+    """Raise unless the sink and local token counts (tokens always attended) are integers >= 0."""
+    for name, value in (("sink_tokens", sink_tokens), ("local_tokens", local_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise LmstackError(f"{owner} {name} must be an integer >= 0, got {value!r}")
+
+
 SELECTIONS = ("head", "kv_group")
 
 
@@ -98,10 +105,7 @@ class DoubleSparseConfig:
         self.token_budget = parse_budget(self.token_budget)
         if self.r is not None and (not isinstance(self.r, int) or self.r < 1):
             raise LmstackError(f"double_sparse r must be a positive integer, got {self.r!r}")
-        for name in ("sink_tokens", "local_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LmstackError(f"double_sparse {name} must be an integer >= 0, got {value!r}")
+        check_forced_tokens("double_sparse", self.sink_tokens, self.local_tokens)
         if not isinstance(self.dense_below, int) or self.dense_below < 0:
             raise LmstackError(f"double_sparse dense_below must be an integer >= 0, got {self.dense_below!r}")
         if self.score_bits not in (16, 32):

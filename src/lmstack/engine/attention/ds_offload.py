@@ -33,7 +33,7 @@ import torch
 import triton
 
 from lmstack.engine.attention import AttentionBackend, _sdpa_causal
-from lmstack.engine.attention.double_sparse import parse_budget
+from lmstack.engine.attention.double_sparse import check_forced_tokens, parse_budget
 from lmstack.engine.attention.double_sparse_ref import forced_counts
 from lmstack.engine.attention.double_sparse_triton import ds_label_scores, ds_topk
 from lmstack.engine.attention.ds_host_kv import HostKVCache, gather_rows
@@ -163,10 +163,7 @@ class OffloadConfig:
             raise LmstackError(f"offload selection must be 'head' or 'kv_group', got {self.selection!r}")
         if not isinstance(self.dense_below, int) or self.dense_below < 0:
             raise LmstackError(f"dense_below must be an integer >= 0, got {self.dense_below!r}")
-        for name in ("sink_tokens", "local_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LmstackError(f"offload {name} must be an integer >= 0, got {value!r}")
+        check_forced_tokens("offload", self.sink_tokens, self.local_tokens)
 
     def keep(self, past: int) -> int:
         """Past tokens fetched for a query over `past` cached tokens."""
