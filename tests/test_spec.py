@@ -7,6 +7,7 @@ perturbed weights (some accepted); `ngram` proposes from repeated prompt pattern
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import numpy as np
@@ -25,6 +26,7 @@ from lmstack.engine.spec.controller import (
     fit_nonnegative,
     make_controller,
     merge_profiles,
+    nnls_normal,
     save_profile,
     step_features,
 )
@@ -350,6 +352,23 @@ def test_latency_fit_recovers_a_planted_model() -> None:
     np.testing.assert_allclose(fit, c, rtol=1e-6)
     assert _planted(c).coef == pytest.approx(c, rel=0.25)
     assert np.all(fit_nonnegative(x, x @ np.array([0.02, 0.001, 0, 0, 0, 0, 0]) * 0.999) >= 0)
+
+
+def test_nnls_matches_every_support() -> None:
+    """The active-set solve reaches the optimum that trying every support finds, collinear features included."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        a = rng.normal(size=(int(rng.integers(3, 40)), 5))
+        if rng.random() < 0.3:
+            a[:, 3] = a[:, 2]  # two features that always move together: a singular G
+        b = a @ rng.normal(size=5) + rng.normal(size=len(a)) * rng.random()
+        gram, rhs = a.T @ a, a.T @ b
+        c = nnls_normal(gram, rhs)
+        best = min(float(np.sum((a[:, s] @ np.linalg.lstsq(a[:, s], b, rcond=None)[0] - b) ** 2))
+                   for n in range(6) for s in map(list, itertools.combinations(range(5), n))
+                   if n == 0 or (np.linalg.lstsq(a[:, s], b, rcond=None)[0] >= 0).all())
+        assert (c >= 0).all()
+        assert float(np.sum((a @ c - b) ** 2)) <= best + 1e-9 * float(b @ b)
 
 
 def _shape(n: int) -> StepShape:

@@ -60,9 +60,7 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,11 +132,12 @@ def step_features(batched_tokens: int, kv_tokens: int, draft_forwards: int, draf
 
 
 def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """argmin ||(x c - y) / y|| over c >= 0: exact NNLS by trying every support (7 features: 127 subsets).
+    """argmin ||(x c - y) / y|| over c >= 0, by Lawson-Hanson's active set on the normal equations.
 
     Relative error, so that cheap decode steps are fitted as well as long prefills; non-negative, since no
-    extra token makes a step faster. Each support is solved on the normal equations of the column-scaled
-    problem (at most 7 x 7), so a refit costs the same for 30 samples or 3,000: it runs between engine steps.
+    extra token makes a step faster. The active set works on the column-scaled problem's 7 x 7 normal
+    equations, so a refit costs the same for 30 samples or 3,000 and a few small solves (it runs on the host
+    between a step's launch and its results, where a small model's whole step takes about a millisecond).
     """
     used = np.flatnonzero(np.any(x != 0, axis=0))  # a feature that is always 0 (no draft model) gets 0
     if len(used) < x.shape[1]:
@@ -150,21 +149,41 @@ def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     scale = np.linalg.norm(xw, axis=0)
     scale[scale == 0] = 1.0
     xs = xw / scale
-    gram, rhs, yy = xs.T @ xs, xs.T @ yw, float(yw @ yw)
-    best, best_err = np.zeros(x.shape[1]), yy
-    for size in range(1, x.shape[1] + 1):
-        subsets = np.array(list(itertools.combinations(range(x.shape[1]), size)))  # [n, size]
-        g = gram[subsets[:, :, None], subsets[:, None, :]]  # [n, size, size]
-        r = rhs[subsets]  # [n, size]
-        # Least squares on every support at once; pinv also covers a feature that never varied (e.g. no draft
-        # model), where the normal equations are singular.
-        c = (np.linalg.pinv(g) @ r[:, :, None])[:, :, 0]
-        errs = yy - 2.0 * (c * r).sum(1) + (c[:, None, :] @ g @ c[:, :, None])[:, 0, 0]
-        for i in np.flatnonzero((c >= 0).all(1)):
-            if errs[i] < best_err - 1e-12 * yy:
-                best, best_err = np.zeros(x.shape[1]), float(errs[i])
-                best[subsets[i]] = c[i]
-    return best / scale
+    return nnls_normal(xs.T @ xs, xs.T @ yw) / scale
+
+
+def nnls_normal(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """argmin c' G c - 2 r' c over c >= 0 (least squares given as its normal equations G = A'A, r = A'b).
+
+    Lawson-Hanson: free the variable whose gradient most wants to grow, solve on the free set, and step back
+    to the boundary whenever that solution leaves c >= 0. A tiny ridge keeps the solves defined where two
+    features moved together (a singular G): they then share the weight.
+    """
+    n = len(rhs)
+    tol = 1e-10 * max(1.0, float(np.abs(rhs).max(initial=0.0)))
+    c, free = np.zeros(n), np.zeros(n, dtype=bool)
+    ridge = 1e-10 * max(1.0, float(np.trace(gram)) / max(n, 1)) * np.eye(n)  # features that moved together
+    for _ in range(3 * n):
+        grad = np.where(free, -np.inf, rhs - gram @ c)
+        j = int(np.argmax(grad))
+        if grad[j] <= tol:
+            break
+        free[j] = True
+        while True:
+            idx = np.flatnonzero(free)
+            s = np.zeros(n)
+            s[idx] = np.linalg.solve(gram[idx][:, idx] + ridge[: len(idx), : len(idx)], rhs[idx])
+            if (s[idx] > tol).all():
+                c = s
+                break
+            out = idx[s[idx] <= tol]
+            alpha = float(np.min(c[out] / np.maximum(c[out] - s[out], 1e-300)))
+            c = c + alpha * (s - c)
+            free &= c > tol
+            c[~free] = 0.0
+            if not free.any():
+                break
+    return c
 
 
 def size_bucket(num_decodes: int) -> int:
@@ -172,7 +191,29 @@ def size_bucket(num_decodes: int) -> int:
     return num_decodes.bit_length()
 
 
-Sample = tuple[int, np.ndarray, float]  # (decode requests, features, seconds)
+class SampleWindow:
+    """The latest `size` steps of one (k, size bucket) group in a ring of arrays: a refit reads every group's
+    rows as they lie, without stacking hundreds of per-step arrays."""
+
+    def __init__(self, size: int) -> None:
+        self.decodes = np.zeros(size, dtype=np.int64)
+        self.features = np.zeros((size, len(FEATURES)))
+        self.seconds = np.zeros(size)
+        self.added = 0  # steps ever appended
+
+    def __len__(self) -> int:
+        return min(self.added, len(self.seconds))
+
+    def append(self, num_decodes: int, features: np.ndarray, seconds: float) -> None:
+        i = self.added % len(self.seconds)
+        self.decodes[i], self.features[i], self.seconds[i] = num_decodes, features, seconds
+        self.added += 1
+
+    def rows(self) -> list[tuple[int, np.ndarray, float]]:
+        """(decode requests, features, seconds) of every kept step, oldest first."""
+        n, size = len(self), len(self.seconds)
+        return [(int(self.decodes[i]), self.features[i], float(self.seconds[i]))
+                for i in (np.arange(n) + self.added - n) % size]
 
 
 def _compact(x: float) -> float | int:
@@ -187,10 +228,15 @@ class Controller:
         self.max_k = max_k
         self.draft_forwards = draft_forwards  # the proposer runs a model: k forwards of it per step
         self.acceptance = Acceptance(max_k)
-        self.samples: dict[tuple[int, int], deque[Sample]] = {}  # by (k, size bucket), the latest `window`
+        self.samples: dict[tuple[int, int], SampleWindow] = {}  # by (k, size bucket), the latest `window`
         self.window = window
         self.steps = 0
         self.chosen: dict[int, int] = {}  # k -> steps whose longest proposal had k tokens
+
+    def _window(self, key: tuple[int, int]) -> SampleWindow:
+        if key not in self.samples:
+            self.samples[key] = SampleWindow(self.window)
+        return self.samples[key]
 
     def choose(self, shape: StepShape) -> int:
         raise NotImplementedError
@@ -203,7 +249,7 @@ class Controller:
     def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
         """A finished step: its longest proposal, decode requests, features and wall time."""
         key = (k, size_bucket(num_decodes))
-        self.samples.setdefault(key, deque(maxlen=self.window)).append((num_decodes, features, seconds))
+        self._window(key).append(num_decodes, features, seconds)
         self.steps += 1
         self.chosen[k] = self.chosen.get(k, 0) + 1
 
@@ -235,7 +281,7 @@ class Controller:
         """Everything a later run needs to start from this one's measurements (see `merge_profiles`)."""
         a = self.acceptance
         rows = [[k, n, *map(_compact, f.tolist()), round(t, 7)] for (k, _), q in sorted(self.samples.items())
-                for n, f, t in q]
+                for n, f, t in q.rows()]
         return {"version": PROFILE_VERSION, "features": list(FEATURES), "acceptance": a.rate,
                 "accepted_tokens": a.total_accepted, "tested_tokens": a.total_tested,
                 "acceptance_table": a.to_profile(), "samples": rows}
@@ -244,10 +290,13 @@ class Controller:
         if profile.get("version") != PROFILE_VERSION or profile.get("features") != list(FEATURES):
             raise LmstackError(f"the speculation profile has version {profile.get('version')!r} and features "
                                f"{profile.get('features')!r}; expected version {PROFILE_VERSION} with {FEATURES}")
-        for k, n, *feats, t in profile.get("samples", []):
+        for row in profile.get("samples", []):
+            if len(row) != len(FEATURES) + 3:
+                raise LmstackError(f"a speculation profile sample has {len(row)} values; expected k, decode "
+                                   f"requests, the {len(FEATURES)} features and seconds")
+            k, n, *feats, t = row
             if int(k) <= self.max_k:
-                key = (int(k), size_bucket(int(n)))
-                self.samples.setdefault(key, deque(maxlen=self.window)).append((int(n), np.array(feats, float), t))
+                self._window((int(k), size_bucket(int(n)))).append(int(n), np.array(feats, float), float(t))
         self.acceptance.load_profile(float(profile.get("acceptance", 0.5)), profile.get("acceptance_table"))
 
 
@@ -269,8 +318,8 @@ class SmartSpec(Controller):
                  explore_every: int = 64, min_samples: int = 2, min_k_samples: int = 8, window: int = 32) -> None:
         super().__init__(max_k, draft_forwards, window)
         # Refits come after `refit_every` new steps, then twice as many each time up to `max_refit_every` (a
-        # refit costs 1-2 ms of host time, more than a small model's whole step on a GPU), and at once when a
-        # group of steps reaches the samples that give it its own correction.
+        # refit costs a few tenths of a millisecond of host time, a large share of a small model's whole step on
+        # a GPU), and at once when a group of steps reaches the samples that give it its own correction.
         self.refit_every, self.max_refit_every = refit_every, max_refit_every
         self._refit_after = refit_every
         self._new_group = False
@@ -282,6 +331,7 @@ class SmartSpec(Controller):
         # that k was measured often enough (shrunk toward its group's).
         self.correction: dict[tuple[bool, int], float] = {}
         self.k_correction: dict[tuple[int, int], float] = {}
+        self._correction_rows: dict[int, np.ndarray] = {}  # `_corrections` by size bucket
         self._since_fit = 0
         self._zero_streak = 0
         self._cycle = 0
@@ -320,21 +370,20 @@ class SmartSpec(Controller):
         The model is linear in k, so three measured lengths (all of them when K < 2) pin it down.
         """
         self._since_fit, self._new_group = 0, False
-        counts: dict[int, int] = {}
-        for (k, _), q in self.samples.items():
-            counts[k] = counts.get(k, 0) + len(q)
-        if sum(n >= self.min_samples for n in counts.values()) < min(3, self.max_k + 1):
+        groups = list(self.samples)
+        sizes = np.array([len(self.samples[g]) for g in groups], dtype=np.int64)
+        k, bucket = np.repeat(np.array(groups, dtype=np.int64).reshape(-1, 2), sizes, axis=0).T  # per sample
+        per_k = np.bincount(k, minlength=self.max_k + 1)
+        if int((per_k >= self.min_samples).sum()) < min(3, self.max_k + 1):
             return
-        keys = [(k, b) for (k, b), q in self.samples.items() for _ in q]
-        x = np.stack([f for q in self.samples.values() for _, f, _ in q])  # [samples, features]
-        y = np.array([t for q in self.samples.values() for _, _, t in q])
+        x = np.concatenate([self.samples[g].features[:n] for g, n in zip(groups, sizes.tolist(), strict=True)])
+        y = np.concatenate([self.samples[g].seconds[:n] for g, n in zip(groups, sizes.tolist(), strict=True)])
         self.coef = fit_nonnegative(x, y)
         ratio = y / np.maximum(x @ self.coef, 1e-9)
-        k, bucket = np.array(keys, dtype=np.int64).reshape(-1, 2).T
         groups, medians, counts = _group_medians(bucket * 2 + (k > 0), ratio)
         self.correction = {(bool(g % 2), g // 2): m for g, m, n in zip(groups, medians, counts, strict=True)
                            if n >= self.min_samples}
-        self.k_correction = {}
+        self.k_correction, self._correction_rows = {}, {}
         m = self.min_k_samples
         for g, median, n in zip(*_group_medians(bucket * (self.max_k + 1) + k, ratio), strict=True):
             kk, b = g % (self.max_k + 1), g // (self.max_k + 1)
@@ -350,11 +399,14 @@ class SmartSpec(Controller):
 
     def _corrections(self, num_decodes: int) -> np.ndarray:
         """[K+1]: the correction of a step whose longest proposal is k, at this decode batch size: k's own
-        where it was measured often enough, else its group's (speculating or not), else none."""
+        where it was measured often enough, else its group's (speculating or not), else none (kept per size
+        bucket until the next refit)."""
         b = size_bucket(num_decodes)
-        spec = self.correction.get((True, b), 1.0)
-        return np.array([self.correction.get((False, b), 1.0)]
-                        + [self.k_correction.get((k, b), spec) for k in range(1, self.max_k + 1)])
+        if b not in self._correction_rows:
+            spec = self.correction.get((True, b), 1.0)
+            own = [self.k_correction.get((k, b), spec) for k in range(1, self.max_k + 1)]
+            self._correction_rows[b] = np.array([self.correction.get((False, b), 1.0), *own])
+        return self._correction_rows[b]
 
     def _step_times(self, shape: StepShape, lengths: np.ndarray, catch_up: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -469,9 +521,10 @@ class SmartSpec(Controller):
         # Survival falls with n, so the proposals worth keeping are a prefix: those whose S(n) reaches the bar.
         worth = (s[None, :, :] >= (score * per_token)[:, None, None]).sum(axis=2)
         trimmed = np.minimum(lengths, worth)
-        trimmed_score = self._goodputs(shape, trimmed, expected)
-        better = trimmed_score > score
-        score, lengths = np.where(better, trimmed_score, score), np.where(better[:, None], trimmed, lengths)
+        if (trimmed != lengths).any():  # most steps of well accepted proposals trim nothing
+            trimmed_score = self._goodputs(shape, trimmed, expected)
+            better = trimmed_score > score
+            score, lengths = np.where(better, trimmed_score, score), np.where(better[:, None], trimmed, lengths)
         if not lagging:
             return score, lengths
         variant = score.reshape(2, -1).argmax(axis=0)  # [K+1]: all requests, or the caught-up ones only
