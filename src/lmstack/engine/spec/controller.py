@@ -370,14 +370,14 @@ class SmartSpec(Controller):
         The model is linear in k, so three measured lengths (all of them when K < 2) pin it down.
         """
         self._since_fit, self._new_group = 0, False
-        groups = list(self.samples)
-        sizes = np.array([len(self.samples[g]) for g in groups], dtype=np.int64)
-        k, bucket = np.repeat(np.array(groups, dtype=np.int64).reshape(-1, 2), sizes, axis=0).T  # per sample
-        per_k = np.bincount(k, minlength=self.max_k + 1)
-        if int((per_k >= self.min_samples).sum()) < min(3, self.max_k + 1):
+        windows = list(self.samples.values())
+        sizes = np.array([len(w) for w in windows], dtype=np.int64)
+        keys = np.array(list(self.samples), dtype=np.int64).reshape(-1, 2)  # (k, size bucket) of each window
+        k, bucket = np.repeat(keys, sizes, axis=0).T  # per sample
+        if int((np.bincount(k, minlength=self.max_k + 1) >= self.min_samples).sum()) < min(3, self.max_k + 1):
             return
-        x = np.concatenate([self.samples[g].features[:n] for g, n in zip(groups, sizes.tolist(), strict=True)])
-        y = np.concatenate([self.samples[g].seconds[:n] for g, n in zip(groups, sizes.tolist(), strict=True)])
+        x = np.concatenate([w.features[: len(w)] for w in windows])  # [samples, features]
+        y = np.concatenate([w.seconds[: len(w)] for w in windows])
         self.coef = fit_nonnegative(x, y)
         ratio = y / np.maximum(x @ self.coef, 1e-9)
         groups, medians, counts = _group_medians(bucket * 2 + (k > 0), ratio)
