@@ -343,7 +343,7 @@ def _planted(c: np.ndarray, draft_forwards: bool = True, seed: int = 0, **kw) ->
 
 
 def test_latency_fit_recovers_a_planted_model() -> None:
-    c = np.array([0.02, 0.001, 2e-6, 0.004, 0.0005, 0.01, 0.002])
+    c = np.array([0.02, 0.001, 2e-6, 0.004, 0.0005, 0.01, 0.002, 0.0])
     rng = np.random.default_rng(1)
     x = np.stack([step_features(int(rng.integers(1, 200)), int(rng.integers(10, 9000)), int(rng.integers(0, 6)),
                                 int(rng.integers(0, 150)), int(rng.integers(0, 3)) * int(rng.integers(1, 9)))
@@ -351,7 +351,7 @@ def test_latency_fit_recovers_a_planted_model() -> None:
     fit = fit_nonnegative(x, x @ c)
     np.testing.assert_allclose(fit, c, rtol=1e-6)
     assert _planted(c).coef == pytest.approx(c, rel=0.25)
-    assert np.all(fit_nonnegative(x, x @ np.array([0.02, 0.001, 0, 0, 0, 0, 0]) * 0.999) >= 0)
+    assert np.all(fit_nonnegative(x, x @ np.array([0.02, 0.001, 0, 0, 0, 0, 0, 0]) * 0.999) >= 0)
 
 
 def test_nnls_matches_every_support() -> None:
@@ -675,12 +675,20 @@ def test_smartspec_bench_averages_policies_over_their_traces() -> None:
     assert m["worst_smart_over_nospec"] == pytest.approx(2.75 / 5.0)
 
 
-def test_smartspec_bench_rejects_zero_repeats(capsys) -> None:
+@pytest.mark.parametrize("repeats", ["0", "2,3", "2,x,1", "1,0,2"])
+def test_smartspec_bench_rejects_bad_repeats(capsys, repeats: str) -> None:
     from lmstack.cli import main
 
-    assert main(["bench", "smartspec", "--proposer", "ngram", "--repeats", "0"]) == 2
+    assert main(["bench", "smartspec", "--proposer", "ngram", "--rates", "1,2,4", "--repeats", repeats]) == 2
     err = capsys.readouterr().err
-    assert "--repeats must be >= 1" in err and "Traceback" not in err
+    assert "--repeats must be one count >= 1 or one per rate (3 for --rates)" in err and "Traceback" not in err
+
+
+def test_smartspec_bench_repeats_per_rate() -> None:
+    from lmstack.bench.smartspec import _repeats
+
+    assert _repeats("3", [4.0, 32.0]) == {4.0: 3, 32.0: 3}
+    assert _repeats("2,8,8", [4.0, 32.0, 128.0]) == {4.0: 2, 32.0: 8, 128.0: 8}
 
 
 def test_smartspec_bench_alternates_the_turns_of_the_policies() -> None:

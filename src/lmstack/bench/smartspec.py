@@ -13,7 +13,8 @@ Workloads:
 - `--proposer ngram` (default smollm2-135m-instruct) on prompts that ask to repeat or edit a wikitext-2
   paragraph (`--data quote`).
 
-With `--repeats R` every rate is replayed on R arrival traces (other seeds), the policies taking turns within
+With `--repeats R` every rate is replayed on R arrival traces (other seeds; `--repeats 2,8,8` gives each rate its
+own count: runs near saturation last a second or two and vary the most), the policies taking turns within
 each trace so that drift of the machine touches all of them alike: no-spec first, the others in order on even
 traces and in reverse on odd ones, so that no policy always runs last (a drift over the turns of a trace then
 cancels over pairs of traces); the results average each policy's metrics over its traces and keep every
@@ -71,9 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", default=None,
                         help="comma-separated Poisson rates in requests/s (default: 0.05,0.2,1 for draft, "
                              "0.2,1,4 for ngram: from one request at a time to a full batch on 2 CPU cores)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="arrival traces per rate (other seeds; default 1): latencies are averaged over them, "
-                             "and the policies take turns within each trace, so machine drift touches all alike")
+    parser.add_argument("--repeats", default="1",
+                        help="arrival traces per rate (other seeds; default 1), one count for all rates or one per "
+                             "rate (comma-separated, in --rates order): latencies are averaged over them, and the "
+                             "policies take turns within each trace, so machine drift touches all alike")
     parser.add_argument("--num-requests", type=int, default=None, help="requests per rate (default 4 draft, 12 ngram)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="output tokens per request at most (default 32 draft, 64 ngram)")
@@ -137,12 +139,27 @@ def _check(args: argparse.Namespace) -> list[tuple[str, int | str | None]]:
         rates = []
     if not rates or min(rates) <= 0:
         raise LmstackError(f"--rates must be positive numbers separated by commas, got {args.rates!r}")
-    for name in ("repeats", "num_requests", "max_tokens", "max_prompt_len", "max_num_seqs", "spec_max_k"):
+    args.repeats_by_rate = _repeats(str(args.repeats), rates)
+    for name in ("num_requests", "max_tokens", "max_prompt_len", "max_num_seqs", "spec_max_k"):
         if getattr(args, name) < 1:
             raise LmstackError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise LmstackError(f"--threads must be >= 1, got {args.threads}")
     return _policies(args.policies)
+
+
+def _repeats(text: str, rates: list[float]) -> dict[float, int]:
+    """--repeats as traces per rate: one count for every rate, or one per rate in --rates order."""
+    try:
+        counts = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        counts = []
+    if len(counts) == 1:
+        counts *= len(rates)
+    if len(counts) != len(rates) or min(counts) < 1:
+        raise LmstackError(f"--repeats must be one count >= 1 or one per rate ({len(rates)} for --rates), "
+                           f"comma-separated; got {text!r}")
+    return dict(zip(rates, counts, strict=True))
 
 
 def _prompts(args: argparse.Namespace, llm: Any) -> list[list[int]]:
@@ -323,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [name for name, _ in policies]
     started = time.monotonic()
     for i, rate in enumerate(rates):
-        for rep in range(args.repeats):
+        for rep in range(args.repeats_by_rate[rate]):
             offsets = poisson_offsets(len(prompts), rate, args.seed + 1 + i + 1009 * rep)
             for name, spec_k in turns(policies, rep):
                 if (rate, name, rep) in done:

@@ -96,6 +96,7 @@ class ModelRunner:
         self.graph_contexts = self.backend.graph_contexts(max_model_len)
         self.chunk_graph_len = 0  # longest chunk a chunk graph replays; 0: chunk graphs off
         self.last_chunk_graph: tuple[int, int] | None = None  # (batch bucket, chunk length) the last forward replayed
+        self.last_graphed = False  # whether the last forward replayed a graph (decode or chunk)
         self.chunk_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
         if self.use_graphs:
@@ -223,6 +224,7 @@ class ModelRunner:
         decode_graph = self.use_graphs and sched.is_decode and len(sched.chunks) <= self.max_graph_bs
         chunk_shape = None if decode_graph else self._chunk_graph_shape(sched)
         self.last_chunk_graph = chunk_shape
+        self.last_graphed = decode_graph or chunk_shape is not None
         if decode_graph or chunk_shape is not None:
             if timings is not None:
                 timings["graph_steps"] = timings.get("graph_steps", 0) + 1

@@ -18,17 +18,21 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   first token is the gamble, the rest of a matched span is nearly always accepted), and a single rate made
   SmartSpec cut proposals whose tail would have paid.
 - Step time: a linear model of measured step times on (batched tokens, KV tokens, draft forwards, draft
-  tokens, mixed, mixed sequences), fitted by non-negative least squares on relative error from recent steps,
-  kept per (k, batch size) so that rarely chosen k values are not forgotten, and refitted as steps come
-  (ever less often once fitted). On CUDA a verify step replays a chunk graph that computes every request's
+  tokens, mixed, mixed sequences, eager), fitted by non-negative least squares on relative error from recent
+  steps, kept per (k, batch size) so that rarely chosen k values are not forgotten, and refitted as steps
+  come (ever less often once fitted). On CUDA a verify step replays a chunk graph that computes every request's
   row at the longest chunk's length, so its tokens are counted padded: there, a request that proposes less
   than the longest saves nothing, and only a shorter longest proposal does.
-  A step is *mixed* when some chunk has more than one token (a prefill, or any proposal at all): it leaves
-  the pure-decode fast path (split-K decode attention; on CUDA its graph) for chunked attention (eager on
-  CPU, a chunk graph per (batch, chunk length) on CUDA), a jump paid once per step and once per sequence in
-  it, whatever k is. A model linear in tokens alone
-  spreads that jump over the proposed tokens and so predicts that each extra proposal costs much more than
-  it does, which made mid-sized k look better than K. Hardware is still not always linear (on CPU a 2-row
+  A step is *mixed* when some chunk has more than one token (a prefill, or any proposal at all): it leaves the
+  pure-decode fast path (split-K decode attention; on CUDA its graph) for chunked attention (eager on CPU, a
+  chunk graph per (batch, chunk length) on CUDA), a jump paid once per step and once per sequence in it,
+  whatever k is. A model linear in tokens alone spreads that jump over the proposed tokens and so predicts that
+  each extra proposal costs much more than it does, which made mid-sized k look better than K. Where the device
+  replays captured graphs (CUDA), a step that cannot (a prefill, or a verify step beyond the chunk graphs) runs
+  *eager*: its kernels are launched one by one, which on the H200 cost ~11 ms more for SmolLM2-135M than a
+  replayed step of ~2 ms, whatever its tokens. Without that indicator the fit spread the eager steps' cost over
+  batched tokens: a k = 5 step of 16-31 decodes was predicted 40% dearer than measured (4.9 vs 3.4 ms), and
+  SmartSpec chose k = 3 where k = 5 ran faster. Hardware is still not always linear (on CPU a 2-row
   matrix product can cost twice a 1-row one), so each (speculating or not, decode batch size) group that has
   been measured also corrects the model by its median ratio of measured to predicted time. A proposal length
   measured at least `min_k_samples` times at that batch size gets its own median, shrunk toward its group's,
@@ -72,8 +76,9 @@ from lmstack.atomic import write_text_atomic
 from lmstack.engine.spec.acceptance import Acceptance, merge_tables
 from lmstack.errors import LmstackError
 
-FEATURES = ("intercept", "batched_tokens", "kv_tokens", "draft_forwards", "draft_tokens", "mixed", "mixed_seqs")
-PROFILE_VERSION = 3
+FEATURES = ("intercept", "batched_tokens", "kv_tokens", "draft_forwards", "draft_tokens", "mixed", "mixed_seqs",
+            "eager")
+PROFILE_VERSION = 4
 
 
 @dataclass
@@ -86,7 +91,9 @@ class StepShape:
     `num_chunks` counts every chunk of the step (default: the decodes); `mixed` says that one of them
     already has more than one token (a prefill chunk), so the step is mixed whatever k is. A step of
     decodes whose longest chunk (1 + proposals) is at most `graph_len` replays the chunk graph of batch
-    `graph_batch` (0: none), which computes every row at the longest chunk's length. `lags[i]` is how
+    `graph_batch` (0: none), which computes every row at the longest chunk's length. `graphs` says that the
+    device replays graphs, so a step that does not (mixed, or proposing beyond the chunk graphs) is eager;
+    a plain decode step is taken to replay its graph. `lags[i]` is how
     many tokens a draft model must catch up on for request i before its first proposal, beyond the one it
     always feeds (default: none), and `remaining[i]` the most tokens request i may still emit (default: its
     lag is charged in full).
@@ -103,6 +110,7 @@ class StepShape:
     remaining: list[int] | None = None
     graph_batch: int = 0
     graph_len: int = 0
+    graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.num_chunks is None:
@@ -125,10 +133,11 @@ def padded_tokens(batched_tokens: int, kv_tokens: int, graph_batch: int, q: int)
 
 
 def step_features(batched_tokens: int, kv_tokens: int, draft_forwards: int, draft_tokens: int,
-                  mixed_seqs: int = 0) -> np.ndarray:
-    """The latency model's inputs; `mixed_seqs` is the number of chunks of a mixed step (0: a pure decode)."""
+                  mixed_seqs: int = 0, eager: bool = False) -> np.ndarray:
+    """The latency model's inputs; `mixed_seqs` is the number of chunks of a mixed step (0: a pure decode),
+    `eager` that the step ran without a graph on a device that replays them."""
     return np.array([1.0, batched_tokens, kv_tokens, draft_forwards, draft_tokens, float(mixed_seqs > 0),
-                     mixed_seqs], dtype=np.float64)
+                     mixed_seqs, float(eager)], dtype=np.float64)
 
 
 def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -272,9 +281,12 @@ class Controller:
         mixed = shape.mixed or extra > 0
         lags = shape.lags or [0] * len(ks)
         catch_up = sum(lag for n, lag in zip(ks, lags, strict=True) if n > 0)
-        batched, kv = shape.padded(max(ks, default=0)) or (shape.batched_tokens + extra, shape.kv_tokens + extra)
+        longest = max(ks, default=0)
+        padded = shape.padded(longest)
+        batched, kv = padded or (shape.batched_tokens + extra, shape.kv_tokens + extra)
+        eager = shape.graphs and (shape.mixed or (longest > 0 and padded is None))
         return step_features(batched, kv, forwards, extra + catch_up if self.draft_forwards else 0,
-                             shape.num_chunks if mixed else 0)
+                             shape.num_chunks if mixed else 0, eager)
 
     # ----- profiles -----
     def profile(self) -> dict[str, Any]:
@@ -427,11 +439,14 @@ class SmartSpec(Controller):
         linear = (c["intercept"] + c["batched_tokens"] * shape.batched_tokens + c["kv_tokens"] * shape.kv_tokens
                   + per_token * extra + np.where(shape.mixed | (extra > 0),
                                                  c["mixed"] + c["mixed_seqs"] * shape.num_chunks, 0.0))
+        graphed = np.zeros(len(lengths), dtype=bool)
         if shape.graph_batch:  # chunk-graph rows: the target computes padded rows, a shorter proposal saves nothing
             graphed = (longest > 0) & (longest + 1 <= shape.graph_len)
             pad = shape.graph_batch * (longest + 1) - shape.batched_tokens - extra  # `padded_tokens`
             linear = linear + np.where(graphed, (c["batched_tokens"] + c["kv_tokens"]) * pad, 0.0)
             per_token = np.where(graphed, draft_token, per_token)
+        if shape.graphs:
+            linear = linear + np.where(shape.mixed | ((longest > 0) & ~graphed), c["eager"], 0.0)
         if self.draft_forwards:
             linear = linear + c["draft_forwards"] * longest
             if catch_up is not None:

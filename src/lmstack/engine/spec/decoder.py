@@ -81,7 +81,7 @@ class SpecDecoder:
                           kv_tokens=sum(c.start + c.num_tokens for c in sched.chunks),
                           num_other_samples=sum(c.samples for c in sched.chunks) - len(decodes),
                           keys=[c.seq for c in decodes], caps=caps, num_chunks=len(sched.chunks),
-                          mixed=not sched.is_decode)
+                          mixed=not sched.is_decode, graphs=self.runner.use_graphs)
         if sched.is_decode:
             shape.graph_batch, shape.graph_len = self.runner.chunk_graph_bound(len(sched.chunks))
         if self.proposer.runs_model:
@@ -118,7 +118,8 @@ class SpecDecoder:
         if graph is not None:
             batched, kv = padded_tokens(sched.num_tokens, shape.kv_tokens, *graph)
         features = step_features(batched, kv, proposal.draft_forwards, proposal.draft_tokens,
-                                 0 if sched.is_decode else len(sched.chunks))
+                                 0 if sched.is_decode else len(sched.chunks),
+                                 self.runner.use_graphs and not self.runner.last_graphed)
         self._pending = (max((len(c.spec_tokens) for c in sched.chunks), default=0), len(decodes), features)
         timings["spec_proposed"] = timings.get("spec_proposed", 0) + num_spec
         return out
