@@ -233,3 +233,39 @@ def test_eager_steps_get_their_own_cost() -> None:
     assert [ctl.features(shape, k)[eager] for k in range(6)] == [0.0] * 6
     shape.graph_len = 4  # k = 4, 5 have no chunk graph: they run eagerly
     assert [ctl.features(shape, k)[eager] for k in range(6)] == [0.0] * 4 + [1.0] * 2
+
+
+def test_a_decision_is_reused_only_by_steps_of_the_same_make_up() -> None:
+    """Within `replan_every` steps, a step of the same (cap, acceptance state) multiset gets the decision again
+    without re-choosing; another make-up, a prefill, a later step or a refit chooses afresh, and what is reused
+    is what choosing would give."""
+    fresh, reusing = _measured(lambda b, k: 0.05 + 0.001 * b * k), _measured(lambda b, k: 0.05 + 0.001 * b * k)
+    fresh.replan_every = 1
+    for ctl in (fresh, reusing):
+        _set_rates(ctl, [0.9] * 4)
+    calls = []
+    options = reusing.options
+    reusing.options = lambda *a: calls.append(1) or options(*a)  # type: ignore[method-assign]
+    shape = _shape(4)
+    assert reusing.plan(shape) == fresh.plan(shape) and max(fresh.plan(shape)) > 0 and len(calls) == 1
+    reordered = _shape(4)
+    reordered.keys = [3, 2, 1, 0]  # the same multiset of (cap, state)
+    assert reusing.plan(reordered) == fresh.plan(reordered) and len(calls) == 1
+    capped = _shape(4)
+    capped.caps = [5, 5, 5, 2]
+    assert reusing.plan(capped) == fresh.plan(capped) and len(calls) == 2
+    prefill = _shape(4)
+    prefill.mixed = True
+    reusing.plan(prefill)
+    assert len(calls) == 3
+    reusing.steps += reusing.replan_every
+    reusing.plan(shape)
+    assert len(calls) == 4
+    reusing.refit()
+    reusing.plan(shape)
+    assert len(calls) == 5
+    fresh_calls = []
+    fresh_options = fresh.options
+    fresh.options = lambda *a: fresh_calls.append(1) or fresh_options(*a)  # type: ignore[method-assign]
+    fresh.plan(shape), fresh.plan(shape)
+    assert len(fresh_calls) == 2

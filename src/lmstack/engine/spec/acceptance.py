@@ -80,6 +80,11 @@ class Acceptance:
         m = self.request_shrink  # no history of its own: its state's hazards
         return np.cumprod((counts[:, 0] + m * hazards[states]) / (counts[:, 1] + m), axis=1)
 
+    def states(self, keys: list[Any]) -> list[int]:
+        """Each request's state: its previous verification (NEW, HIT or MISS)."""
+        fresh = self._fresh
+        return [self.per_request.get(key, fresh)[0] for key in keys]
+
     def observe(self, key: Any, proposed: int, accepted: int) -> None:
         """Request `key` proposed `proposed` tokens and the target accepted the first `accepted` of them."""
         self.observe_many([key], [proposed], [accepted])
