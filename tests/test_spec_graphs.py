@@ -14,7 +14,7 @@ from lmstack.engine.runner import ModelRunner
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.scheduler import ScheduledChunk, SchedulerOutput
 from lmstack.engine.sequence import Sequence
-from lmstack.engine.spec.controller import FEATURES
+from lmstack.engine.spec.latency import FEATURES
 from lmstack.models import load
 
 pytestmark = pytest.mark.gpu

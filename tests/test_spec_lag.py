@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmstack.engine.spec.controller import StepShape
+from lmstack.engine.spec.latency import StepShape
 from lmstack.models import load
 from test_spec import GREEDY, MODEL, PROMPTS, _planted, _set_acceptance, perturbed, run
 

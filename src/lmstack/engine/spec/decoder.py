@@ -30,7 +30,8 @@ from lmstack.engine.runner import ModelRunner
 from lmstack.engine.sampler import gather_logprobs, race_noise, sampling_probs
 from lmstack.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from lmstack.engine.sequence import Sequence
-from lmstack.engine.spec.controller import Controller, StepShape, make_controller, padded_tokens, step_features
+from lmstack.engine.spec.controller import Controller, make_controller
+from lmstack.engine.spec.latency import StepShape, padded_tokens, step_features
 from lmstack.engine.spec.proposers import PROPOSERS, Proposal, Proposer, ProposerContext
 from lmstack.engine.spec.rejection import greedy_accept, rejection_sample
 from lmstack.models.llama import LlamaModel
