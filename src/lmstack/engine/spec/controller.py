@@ -29,21 +29,21 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   whatever k is. A model linear in tokens alone spreads that jump over the proposed tokens and so predicts that
   each extra proposal costs much more than it does, which made mid-sized k look better than K. Where the device
   replays captured graphs (CUDA), a step that cannot (a prefill, or a verify step beyond the chunk graphs) runs
-  *eager*: its kernels are launched one by one, which on the H200 cost ~11 ms more for SmolLM2-135M than a
-  replayed step of ~2 ms, whatever its tokens. Without that indicator the fit spread the eager steps' cost over
-  batched tokens: a k = 5 step of 16-31 decodes was predicted 40% dearer than measured (4.9 vs 3.4 ms), and
-  SmartSpec chose k = 3 where k = 5 ran faster. Hardware is still not always linear (on CPU a 2-row
-  matrix product can cost twice a 1-row one), so each (speculating or not, decode batch size) group that has
-  been measured also corrects the model by its median ratio of measured to predicted time. A proposal length
-  measured at least `min_k_samples` times at that batch size gets its own median, shrunk toward its group's,
-  for what a model linear in tokens misses at one k: on the H200 (n-gram lookup, SmolLM2-135M) steps of
-  k = 2 and 4 ran 10-43% over the model at 1-7 decodes while k = 1, 3 and 5 stayed within 10% (only SmartSpec
-  chose those k, and its steps include its own host time). With fewer samples, per-k medians of noisy steps
-  would rank equally dear k values at random. The model can be warm-started from a profile file written by
-  an earlier run.
+  *eager*: its kernels are launched one by one, which on the H200 cost 11-18 ms more for SmolLM2-135M than a
+  replayed step of 2-4 ms, whatever its tokens. Without that indicator the fit spread the eager steps' cost over
+  batched tokens: replayed k = 5 steps of 16-31 decodes were predicted 34% dearer than measured (4.5 vs 3.4 ms),
+  and SmartSpec chose k = 3 on 32% of its speculating steps at 32 req/s where k = 5 ran faster (9% with it).
+  Hardware is still not always linear (on CPU a 2-row matrix product can cost twice a 1-row one), so each
+  (speculating or not, decode batch size) group that has been measured also corrects the model by its median
+  ratio of measured to predicted time. A proposal length measured at least `min_k_samples` times at that batch
+  size gets its own median, shrunk toward its group's, for what a model linear in tokens misses at one k: on the
+  H200 (n-gram lookup, SmolLM2-135M) steps of k = 2 and 4 ran 10-43% over the model at 1-7 decodes while k = 1, 3
+  and 5 stayed within 10% (only SmartSpec chose those k, and its steps include its own host time). With fewer
+  samples, per-k medians of noisy steps would rank equally dear k values at random. The model can be warm-started
+  from a profile file written by an earlier run.
 - A decision to propose (untrimmed: every request min(k, its cap)) is reused for `replan_every` steps by
   steps of the same make-up: pure decodes with the same multiset of (cap, acceptance state) and nothing else.
-  Choosing costs ~0.05 ms of numpy on this CPU and ~0.15-0.2 ms on the H200's host, 5-7% of a SmolLM2-135M
+  Choosing costs ~0.05 ms of numpy on a 2-core x86 host and ~0.15-0.2 ms on the H200 machine, 5-7% of a SmolLM2-135M
   step there (k = 5's step: 2.8 ms at 4 req/s); reused, it costs a dictionary lookup. The latency model and
   the acceptance estimates drift slowly, and a refit clears the reused decisions.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won

@@ -76,8 +76,8 @@ def fit_nonnegative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """argmin ||(x c - y) / y|| over c >= 0, by Lawson-Hanson's active set on the normal equations.
 
     Relative error, so that cheap decode steps are fitted as well as long prefills; non-negative, since no
-    extra token makes a step faster. The active set works on the column-scaled problem's 7 x 7 normal
-    equations, so a refit costs the same for 30 samples or 3,000 and a few small solves (it runs on the host
+    extra token makes a step faster. The active set works on the column-scaled problem's normal equations
+    (one row per feature), so a refit costs the same for 30 samples or 3,000 and a few small solves (it runs on the host
     between a step's launch and its results, where a small model's whole step takes about a millisecond).
     """
     used = np.flatnonzero(np.any(x != 0, axis=0))  # a feature that is always 0 (no draft model) gets 0
