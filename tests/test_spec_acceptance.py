@@ -235,6 +235,7 @@ def test_a_decision_is_reused_only_by_steps_of_the_same_make_up() -> None:
     is what choosing would give."""
     fresh, reusing = _measured(lambda b, k: 0.05 + 0.001 * b * k), _measured(lambda b, k: 0.05 + 0.001 * b * k)
     fresh.replan_every = 1
+    reusing.reuse_share = 0.0  # these steps take 50 ms: with the default share, choosing would be too cheap to skip
     for ctl in (fresh, reusing):
         _set_rates(ctl, [0.9] * 4)
     calls = []
@@ -263,3 +264,17 @@ def test_a_decision_is_reused_only_by_steps_of_the_same_make_up() -> None:
     fresh.options = lambda *a: fresh_calls.append(1) or fresh_options(*a)  # type: ignore[method-assign]
     fresh.plan(shape), fresh.plan(shape)
     assert len(fresh_calls) == 2
+
+
+def test_decisions_are_reused_only_where_choosing_is_a_visible_share_of_a_step() -> None:
+    """Steps of 50 ms (a CPU): choosing (well under 0.5 ms) is below 1% of a step, so every step chooses; steps
+    of 50 us (a small model on a fast GPU, scaled down): above it, so a decision is reused."""
+    for step, reused in ((0.05, False), (5e-5, True)):
+        ctl = _measured(lambda b, k, step=step: step * (1 + 0.1 * k))
+        _set_rates(ctl, [0.9] * 4)
+        calls = []
+        options = ctl.options
+        ctl.options = lambda *a, options=options, calls=calls: calls.append(1) or options(*a)  # type: ignore[method-assign]
+        for _ in range(6):
+            ctl.plan(_shape(4))
+        assert (len(calls) < 6) == reused

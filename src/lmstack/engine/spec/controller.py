@@ -45,7 +45,8 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   steps of the same make-up: pure decodes with the same multiset of (cap, acceptance state) and nothing else.
   Choosing costs ~0.05 ms of numpy on a 2-core x86 host and ~0.15-0.2 ms on the H200 machine, 5-7% of a SmolLM2-135M
   step there (k = 5's step: 2.8 ms at 4 req/s); reused, it costs a dictionary lookup. The latency model and
-  the acceptance estimates drift slowly, and a refit clears the reused decisions.
+  the acceptance estimates drift slowly, and a refit clears the reused decisions. Where choosing costs less
+  than `reuse_share` (1%) of a step (on a CPU, where a step takes tens of milliseconds) every step chooses.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
   for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
   would win even if every proposal were accepted (e.g. when a speculative step costs many times a plain
@@ -70,6 +71,7 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
@@ -195,10 +197,13 @@ class SmartSpec(Controller):
 
     def __init__(self, max_k: int, draft_forwards: bool, refit_every: int = 16, max_refit_every: int = 256,
                  explore_every: int = 64, min_samples: int = 2, min_k_samples: int = 8, window: int = 32,
-                 replan_every: int = 16) -> None:
+                 replan_every: int = 16, reuse_share: float = 0.01) -> None:
         super().__init__(max_k, draft_forwards, window)
         self.replan_every = replan_every  # steps a decision is reused for (module docstring); 1: choose every step
         self._plans: dict[tuple[Any, ...], tuple[int, int]] = {}  # step make-up -> (k, `steps` when chosen)
+        # Decisions are reused only while choosing costs more than `reuse_share` of a step (moving averages).
+        self.reuse_share = reuse_share
+        self._choose_s = self._step_s = 0.0
         # Refits come after `refit_every` new steps, then twice as many each time up to `max_refit_every` (a
         # refit costs a few tenths of a millisecond of host time, a large share of a small model's whole step on
         # a GPU), and at once when a group of steps reaches the samples that give it its own correction.
@@ -231,6 +236,7 @@ class SmartSpec(Controller):
 
     def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
         super().observe_step(k, num_decodes, features, seconds)
+        self._step_s = seconds if not self._step_s else 0.95 * self._step_s + 0.05 * seconds
         self._since_fit += 1
         n = len(self.samples[(k, size_bucket(num_decodes))])
         self._new_group |= n == self.min_samples or (k > 0 and n == self.min_k_samples)
@@ -379,8 +385,11 @@ class SmartSpec(Controller):
             self.speculating = 0.9 * self.speculating + 0.1
             self._zero_streak = 0
             return [min(reused[0], c) for c in shape.caps]
+        t0 = time.perf_counter()
         scores, lengths = self.options(shape, self.acceptance.survivals(shape.keys))
         chosen = lengths[int(np.argmax(scores))].tolist()
+        took = time.perf_counter() - t0
+        self._choose_s = took if not self._choose_s else 0.95 * self._choose_s + 0.05 * took
         k = max(chosen)
         if make_up is not None and k > 0 and chosen == [min(k, c) for c in shape.caps]:
             if len(self._plans) >= 1024:
@@ -397,8 +406,9 @@ class SmartSpec(Controller):
 
     def _make_up(self, shape: StepShape) -> tuple[Any, ...] | None:
         """What a reused decision must match (module docstring); None: this step is always chosen afresh (it
-        has a prefill, draft lags, or decisions are not reused)."""
-        if self.replan_every <= 1 or shape.mixed or shape.lags is not None:
+        has a prefill or draft lags, choosing is cheap next to a step, or decisions are not reused)."""
+        if (self.replan_every <= 1 or shape.mixed or shape.lags is not None
+                or (self._choose_s and self._choose_s <= self.reuse_share * self._step_s)):
             return None
         pairs = sorted(zip(shape.caps, self.acceptance.states(shape.keys), strict=True))
         return (shape.graph_batch, shape.graph_len, shape.graphs, shape.num_other_samples, *pairs)
