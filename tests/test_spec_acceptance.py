@@ -192,7 +192,6 @@ def test_chunk_graph_padding_makes_trimming_pointless() -> None:
     assert ctl.features(graphed, [5] * 4 + [0] * 4)[FEATURES.index("batched_tokens")] == 8 * 6
 
 
-
 def test_eager_steps_get_their_own_cost() -> None:
     """Steps timed as on the H200 with a small model: a replayed graph costs 1.4 ms plus 5 us per computed row (a
     verify step's rows padded to its chunk graph's batch and length), an eager step (here: any step with a
@@ -229,6 +228,14 @@ def test_eager_steps_get_their_own_cost() -> None:
     assert [ctl.features(shape, k)[eager] for k in range(6)] == [0.0] * 4 + [1.0] * 2
 
 
+def _count_choices(ctl: SmartSpec) -> list[int]:
+    """A list that grows by one each time `ctl` chooses afresh (calls `options`)."""
+    calls: list[int] = []
+    options = ctl.options
+    ctl.options = lambda *a: calls.append(1) or options(*a)  # type: ignore[method-assign]
+    return calls
+
+
 def test_a_decision_is_reused_only_by_steps_of_the_same_make_up() -> None:
     """Within `replan_every` steps, a step of the same (cap, acceptance state) multiset gets the decision again
     without re-choosing; another make-up, a prefill, a later step or a refit chooses afresh, and what is reused
@@ -238,9 +245,7 @@ def test_a_decision_is_reused_only_by_steps_of_the_same_make_up() -> None:
     reusing.reuse_share = 0.0  # these steps take 50 ms: with the default share, choosing would be too cheap to skip
     for ctl in (fresh, reusing):
         _set_rates(ctl, [0.9] * 4)
-    calls = []
-    options = reusing.options
-    reusing.options = lambda *a: calls.append(1) or options(*a)  # type: ignore[method-assign]
+    calls = _count_choices(reusing)
     shape = _shape(4)
     assert reusing.plan(shape) == fresh.plan(shape) and max(fresh.plan(shape)) > 0 and len(calls) == 1
     reordered = _shape(4)
@@ -259,9 +264,7 @@ def test_a_decision_is_reused_only_by_steps_of_the_same_make_up() -> None:
     reusing.refit()
     reusing.plan(shape)
     assert len(calls) == 5
-    fresh_calls = []
-    fresh_options = fresh.options
-    fresh.options = lambda *a: fresh_calls.append(1) or fresh_options(*a)  # type: ignore[method-assign]
+    fresh_calls = _count_choices(fresh)
     fresh.plan(shape), fresh.plan(shape)
     assert len(fresh_calls) == 2
 
@@ -272,9 +275,7 @@ def test_decisions_are_reused_only_where_choosing_is_a_visible_share_of_a_step()
     for step, reused in ((0.05, False), (5e-5, True)):
         ctl = _measured(lambda b, k, step=step: step * (1 + 0.1 * k))
         _set_rates(ctl, [0.9] * 4)
-        calls = []
-        options = ctl.options
-        ctl.options = lambda *a, options=options, calls=calls: calls.append(1) or options(*a)  # type: ignore[method-assign]
+        calls = _count_choices(ctl)
         for _ in range(6):
             ctl.plan(_shape(4))
         assert (len(calls) < 6) == reused

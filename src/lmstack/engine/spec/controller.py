@@ -236,7 +236,7 @@ class SmartSpec(Controller):
 
     def observe_step(self, k: int, num_decodes: int, features: np.ndarray, seconds: float) -> None:
         super().observe_step(k, num_decodes, features, seconds)
-        self._step_s = seconds if not self._step_s else 0.95 * self._step_s + 0.05 * seconds
+        self._step_s = _moving_average(self._step_s, seconds)
         self._since_fit += 1
         n = len(self.samples[(k, size_bucket(num_decodes))])
         self._new_group |= n == self.min_samples or (k > 0 and n == self.min_k_samples)
@@ -388,8 +388,7 @@ class SmartSpec(Controller):
         t0 = time.perf_counter()
         scores, lengths = self.options(shape, self.acceptance.survivals(shape.keys))
         chosen = lengths[int(np.argmax(scores))].tolist()
-        took = time.perf_counter() - t0
-        self._choose_s = took if not self._choose_s else 0.95 * self._choose_s + 0.05 * took
+        self._choose_s = _moving_average(self._choose_s, time.perf_counter() - t0)
         k = max(chosen)
         if make_up is not None and k > 0 and chosen == [min(k, c) for c in shape.caps]:
             if len(self._plans) >= 1024:
@@ -451,6 +450,11 @@ class SmartSpec(Controller):
         lengths = np.minimum(np.arange(1, self.max_k + 1)[:, None], caps[None, :])  # [K, B]
         perfect = _expected_table(np.ones((len(caps), self.max_k)))
         return bool((self._goodputs(shape, lengths, perfect) > plain).any())
+
+
+def _moving_average(average: float, value: float) -> float:
+    """The next value of an exponential moving average that starts at its first value (0.0: none yet)."""
+    return value if not average else 0.95 * average + 0.05 * value
 
 
 def _expected_table(survivals: Seq[np.ndarray] | np.ndarray) -> np.ndarray:
