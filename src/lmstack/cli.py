@@ -76,6 +76,7 @@ BENCHES = (
     ("policies", "policies", "scheduling policies (fcfs, mlfq, ltr, oracle-sjf) on replayed ShareGPT"),
     ("ranker", "ranker_speed", "the ltr ranker's cost per batch: eager fp32 vs CUDA graphs, and its tau"),
     ("smartspec", "smartspec", "speculative decoding: no-spec, fixed k and SmartSpec across rates"),
+    ("token-graphs", "token_graphs", "prefill and mixed steps on a GPU: eager vs replayed token graphs"),
     ("double-sparsity-quality", "double_sparsity_quality",
      "Double Sparsity vs dense: wikitext-2 perplexity, retrieval"),
     ("double-sparsity-speed", "double_sparsity_speed", "Double Sparsity on a GPU: attention op, end to end, offload"),

@@ -23,6 +23,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # "triton" on CUDA, "torch" elsewhere
     attention_options: dict[str, Any] = field(default_factory=dict)  # backend settings, e.g. double_sparse's
     enforce_eager: bool = False  # no CUDA graphs
+    # Prefill and mixed steps of up to this many tokens replay CUDA graphs (engine/token_graphs.py); 0: eager.
+    token_graph_tokens: int = 2048
     max_lazy_graphs: int = 64  # graphs a lazily capturing backend keeps (least recently replayed dropped first)
     stream_text: bool = True  # detokenize every step (servers); off: decode once at the end (offline batches)
     # After start-up, keep what is alive (weights, tokenizer tables, compiled kernels) out of the cyclic garbage
@@ -52,6 +54,9 @@ class EngineConfig:
             raise LmstackError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise LmstackError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+        if not isinstance(self.token_graph_tokens, int) or self.token_graph_tokens < 0:
+            raise LmstackError(f"token_graph_tokens must be an integer >= 0 (0: prefill steps run eagerly), got "
+                               f"{self.token_graph_tokens!r}")
         if not isinstance(self.attention_options, dict):
             raise LmstackError(f"attention_options must be a dict, got {type(self.attention_options).__name__}")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:

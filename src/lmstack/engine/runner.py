@@ -14,6 +14,9 @@ states: the logits of the rows that sample are computed after it, so no graph ho
 row of it has the bucket's length q: a shorter chunk is padded at its end with tokens whose K/V go to the
 reserved slot 0 (causal attention keeps them out of the real tokens' rows), and padding rows are q-token
 sequences at positions 0..q-1, so every value the graph computes stays finite.
+
+Every other step of up to `token_graph_tokens` tokens (prefills, mixed steps) replays a *token graph*
+(engine/token_graphs.py): eagerly, such a step cost the H200's host 14-25 ms of launches whatever its length.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from lmstack.engine.config import EngineConfig
 from lmstack.engine.outputs import TokenLogprob
 from lmstack.engine.sampler import Sampler
 from lmstack.engine.scheduler import ScheduledChunk, SchedulerOutput
+from lmstack.engine.step_arrays import StepArrays
+from lmstack.engine.token_graphs import TokenGraphs
 from lmstack.errors import LmstackError
 from lmstack.models.config import ModelConfig
 from lmstack.models.llama import LlamaModel
@@ -96,11 +101,15 @@ class ModelRunner:
         self.graph_contexts = self.backend.graph_contexts(max_model_len)
         self.chunk_graph_len = 0  # longest chunk a chunk graph replays; 0: chunk graphs off
         self.last_chunk_graph: tuple[int, int] | None = None  # (batch bucket, chunk length) the last forward replayed
-        self.last_graphed = False  # whether the last forward replayed a graph (decode or chunk)
+        self.last_graphed = False  # whether the last forward replayed a graph (decode, chunk or token)
         self.chunk_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
+        self.token_graphs: TokenGraphs | None = None
         if self.use_graphs:
             self._capture_all()
+            if self.backend.supports_chunk_graphs and cfg.token_graph_tokens:
+                self.token_graphs = TokenGraphs(self, cfg.token_graph_tokens)
+                self.token_graphs.capture_all()
 
     # ----- memory -----
     def _num_blocks(self) -> int:
@@ -148,48 +157,22 @@ class ModelRunner:
 
     # ----- inputs -----
     def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        bs = self.block_size
-        for c in sched.chunks:
-            seq, start, n = c.seq, c.start, c.num_tokens + len(c.spec_tokens)
-            end = start + n
-            table = seq.block_table
-            if n == 1:
-                ids.append(seq.token_at(start))
-                pos.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                ids.extend(seq.tokens(start, start + c.num_tokens))
-                ids.extend(c.spec_tokens)
-                p = np.arange(start, end)
-                pos.extend(p.tolist())
-                slots.extend((np.asarray(table)[p // bs] * bs + p % bs).tolist())
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(end)
-            if c.samples:  # the chunk's last own token, then one row per proposed token to verify
-                sample_rows.extend(range(qsl[-1] - 1 - len(c.spec_tokens), qsl[-1]))
-        width = max(-(-s // bs) for s in seq_lens)
-        tables = np.zeros((len(seq_lens), width), dtype=np.int32)
-        for i, c in enumerate(sched.chunks):
-            t = c.seq.block_table
-            tables[i, : len(t)] = t
-        dev = self.device
+        a = StepArrays.of(sched.chunks)
+        bs, dev = self.block_size, self.device
+        qsl = np.concatenate([[0], np.cumsum(a.lengths)])
+        seq_lens = a.starts + a.lengths
+        width = int(-(-seq_lens.max() // bs))  # the blocks the step reads
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
-            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
-            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seq_lens))), max_seq_len=max(seq_lens),
+            slot_mapping=torch.from_numpy(a.slots(bs)).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(np.ascontiguousarray(a.tables[:, :width])).to(dev, non_blocking=True),
+            query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens.tolist(),
+            max_query_len=int(a.lengths.max()), max_seq_len=int(seq_lens.max()),
         )
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        positions = torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True)
-        return input_ids, positions, meta, sample_rows
+        input_ids = torch.from_numpy(a.tokens).to(dev, non_blocking=True)
+        positions = torch.from_numpy(a.positions()).to(dev, non_blocking=True)
+        return input_ids, positions, meta, a.picks(qsl[:-1]).tolist()
 
     # ----- execution -----
     @torch.inference_mode()
@@ -223,8 +206,16 @@ class ModelRunner:
         sampling chunk), or None when no chunk samples. Decode steps replay a CUDA graph when one is captured."""
         decode_graph = self.use_graphs and sched.is_decode and len(sched.chunks) <= self.max_graph_bs
         chunk_shape = None if decode_graph else self._chunk_graph_shape(sched)
+        token_key = None
+        if not decode_graph and chunk_shape is None and self.token_graphs is not None:
+            token_key = self.token_graphs.key(sched)
         self.last_chunk_graph = chunk_shape
-        self.last_graphed = decode_graph or chunk_shape is not None
+        self.last_graphed = decode_graph or chunk_shape is not None or token_key is not None
+        if token_key is not None:
+            if timings is not None:
+                timings["graph_steps"] = timings.get("graph_steps", 0) + 1
+                timings["token_graph_steps"] = timings.get("token_graph_steps", 0) + 1
+            return self.token_graphs.run(sched, *token_key)
         if decode_graph or chunk_shape is not None:
             if timings is not None:
                 timings["graph_steps"] = timings.get("graph_steps", 0) + 1
@@ -363,22 +354,17 @@ class ModelRunner:
         qsl[:] = np.arange(bs + 1) * q
         num_picks = 0
         if chunks:
-            width = max(len(c.seq.block_table) for c in chunks)
-            host_tables = np.zeros((len(chunks), width), dtype=np.int32)
-            for i, c in enumerate(chunks):
-                tokens = c.seq.tokens(c.start, c.start + c.num_tokens) + c.spec_tokens
-                m, r = len(tokens), i * q
-                p = np.arange(c.start, c.start + q)
-                table = np.asarray(c.seq.block_table)
-                host_tables[i, : len(table)] = table
-                ids[r: r + m] = tokens
-                pos[r: r + q] = p
-                slots[r: r + m] = table[p[:m] // blk] * blk + p[:m] % blk
-                seq_lens[i] = c.start + q
-                own = 1 + len(c.spec_tokens)  # the rows that sample: the chunk's last own token and each proposal
-                picks[num_picks: num_picks + own] = np.arange(r + m - own, r + m)
-                num_picks += own
-            self.s_tables[: len(chunks), :width].copy_(torch.from_numpy(host_tables))
+            a, n = StepArrays.of(chunks), len(chunks)
+            row_starts = np.arange(n) * q
+            dest = np.repeat(row_starts, a.lengths) + a.offsets()
+            ids[dest] = a.tokens
+            slots[dest] = a.slots(blk)
+            pos[: n * q] = (a.starts[:, None] + np.arange(q)[None, :]).ravel()
+            seq_lens[:n] = a.starts + q
+            sampled = a.picks(row_starts)  # every chunk samples: its last own token and each proposal
+            num_picks = len(sampled)
+            picks[:num_picks] = sampled
+            self.s_tables[:n, : a.tables.shape[1]].copy_(torch.from_numpy(a.tables))
         dev_h = host.to(self.device, non_blocking=True)
         self.c_ids[:rows].copy_(dev_h[:rows])
         self.c_pos[:rows].copy_(dev_h[rows: 2 * rows])

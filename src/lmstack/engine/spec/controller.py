@@ -30,7 +30,8 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   each extra proposal costs much more than it does, which made mid-sized k look better than K. Where the device
   replays captured graphs (CUDA), a step that cannot (a prefill, or a verify step beyond the chunk graphs) runs
   *eager*: its kernels are launched one by one, which on the H200 cost 11-18 ms more for SmolLM2-135M than a
-  replayed step of 2-4 ms, whatever its tokens. Without that indicator the fit spread the eager steps' cost over
+  replayed step of 2-4 ms, whatever its tokens (token graphs, engine/token_graphs.py, now replay such steps
+  too, up to their size). Without that indicator the fit spread the eager steps' cost over
   batched tokens: replayed k = 5 steps of 16-31 decodes were predicted 34% dearer than measured (4.5 vs 3.4 ms),
   and SmartSpec chose k = 3 on 32% of its speculating steps at 32 req/s where k = 5 ran faster (9% with it).
   Hardware is still not always linear (on CPU a 2-row matrix product can cost twice a 1-row one), so each

@@ -82,7 +82,8 @@ class SpecDecoder:
                           kv_tokens=sum(c.start + c.num_tokens for c in sched.chunks),
                           num_other_samples=sum(c.samples for c in sched.chunks) - len(decodes),
                           keys=[c.seq for c in decodes], caps=caps, num_chunks=len(sched.chunks),
-                          mixed=not sched.is_decode, graphs=self.runner.use_graphs)
+                          mixed=not sched.is_decode,
+                          graphs=self.runner.use_graphs and self.runner.token_graphs is None)
         if sched.is_decode:
             shape.graph_batch, shape.graph_len = self.runner.chunk_graph_bound(len(sched.chunks))
         if self.proposer.runs_model:

@@ -24,8 +24,9 @@ class StepShape:
     already has more than one token (a prefill chunk), so the step is mixed whatever k is. A step of
     decodes whose longest chunk (1 + proposals) is at most `graph_len` replays the chunk graph of batch
     `graph_batch` (0: none), which computes every row at the longest chunk's length. `graphs` says that the
-    device replays graphs, so a step that does not (mixed, or proposing beyond the chunk graphs) is eager;
-    a plain decode step is taken to replay its graph. `lags[i]` is how
+    device replays decode and chunk graphs but no token graphs, so a step that is neither (mixed, or proposing
+    beyond the chunk graphs) is eager; a plain decode step is taken to replay its graph (and with token graphs
+    every step is, up to their size). `lags[i]` is how
     many tokens a draft model must catch up on for request i before its first proposal, beyond the one it
     always feeds (default: none), and `remaining[i]` the most tokens request i may still emit (default: its
     lag is charged in full).
