@@ -162,3 +162,6 @@ def test_lru_get_keeps_the_most_recently_used() -> None:
     assert len(cache) == 6
     with pytest.raises(LmstackError, match="max_lazy_graphs"):
         EngineConfig(max_lazy_graphs=0)
+    for bad in (-1, 1.5, "2048"):
+        with pytest.raises(LmstackError, match="token_graph_tokens"):
+            EngineConfig(token_graph_tokens=bad)

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, help="requests running at once")
     parser.add_argument("--max-model-len", type=int, help="context window (default: the model's, capped)")
     parser.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: from the memory budget)")
+    parser.add_argument("--token-graph-tokens", type=int,
+                        help="GPU: prefill and mixed steps of up to this many tokens replay CUDA graphs "
+                             "(default 2048; 0 runs them eagerly and saves the graphs' memory and start-up time)")
     parser.add_argument("--policy", default="fcfs", help="scheduling policy: fcfs, priority, ltr, mlfq")
     parser.add_argument("--ranker", help="ltr: trained LengthRanker folder (from `lmstack ltr train`)")
     parser.add_argument("--ranker-device", help="ltr: device of the ranker (default: cuda if present, else cpu)")
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine_config: dict[str, Any] = {"policy": args.policy, "policy_options": policy_options(args),
                                      **speculative_options(args)}
-    for key in ("max_num_seqs", "max_model_len", "num_kv_blocks"):
+    for key in ("max_num_seqs", "max_model_len", "num_kv_blocks", "token_graph_tokens"):
         if getattr(args, key) is not None:
             engine_config[key] = getattr(args, key)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, **engine_config)
