@@ -8,7 +8,7 @@ import pytest
 
 from lmstack.engine.spec.acceptance import HIT, MISS, NEW, Acceptance, expected_tokens, merge_tables
 from lmstack.engine.spec.controller import SmartSpec, make_controller, merge_profiles
-from lmstack.engine.spec.latency import FEATURES, StepShape, step_features
+from lmstack.engine.spec.latency import FEATURES, StepShape, size_bucket, step_features
 from test_spec import _measured, _set_rates, _shape
 
 # An n-gram-like proposer: the first token is the gamble; once it is accepted, the span nearly always continues.
@@ -279,3 +279,22 @@ def test_decisions_are_reused_only_where_choosing_is_a_visible_share_of_a_step()
         for _ in range(6):
             ctl.plan(_shape(4))
         assert (len(calls) < 6) == reused
+
+
+def test_a_step_is_measured_without_the_time_spent_choosing_it() -> None:
+    """Choosing costs the same whatever k is chosen, and fixed-k steps never pay it: a step of 50 ms whose plan
+    took 20 ms is recorded as 30 ms; a step planned without delay keeps its full time."""
+    import time
+
+    ctl = _measured(lambda b, k: 0.05)
+    _set_rates(ctl, [0.9] * 4)
+    ctl.replan_every = 1
+    options = ctl.options
+    ctl.options = lambda *a: time.sleep(0.02) or options(*a)  # type: ignore[method-assign]
+    features = step_features(4, 1200, 0, 0, 0)
+    for slow, expected in ((True, 0.03), (False, 0.05)):
+        if slow:
+            ctl.plan(_shape(4))
+        ctl.observe_step(0, 4, features, 0.05)
+        recorded = ctl.samples[(0, size_bucket(4))].rows()[-1][2]
+        assert abs(recorded - expected) < 0.004
