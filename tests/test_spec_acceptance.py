@@ -298,3 +298,36 @@ def test_a_step_is_measured_without_the_time_spent_choosing_it() -> None:
         ctl.observe_step(0, 4, features, 0.05)
         recorded = ctl.samples[(0, size_bucket(4))].rows()[-1][2]
         assert abs(recorded - expected) < 0.004
+
+
+def test_the_next_k_is_chosen_while_the_device_runs_the_step() -> None:
+    """`plan_ahead` on a step of pure decodes chooses for the next step; the next `plan` takes that k without
+    choosing only for exactly the same requests, decoding, one step later. Where choosing is cheap next to a
+    step (a CPU), nothing is chosen ahead."""
+    def prepared(step_s: float, share: float = 0.01) -> tuple[SmartSpec, list[int]]:
+        ctl = _measured(lambda b, k: step_s + 1e-6 * b * k)
+        ctl.reuse_share = share
+        _set_rates(ctl, [0.9] * 4)
+        fresh = ctl.plan(_shape(4))  # also times choosing, for `_reusable`
+        ctl._plans.clear()  # only the choice made ahead may serve a later step
+        ctl.plan_ahead(_shape(4))
+        return ctl, fresh
+
+    features = step_features(4, 1200, 0, 0, 0)
+    ctl, fresh = prepared(5e-5)
+    calls = _count_choices(ctl)
+    ctl.observe_step(5, 4, features, 5e-5)
+    assert ctl.plan(_shape(4)) == fresh and not calls  # the same requests, the next step: taken
+    mixed = StepShape(batched_tokens=20, kv_tokens=1200, num_other_samples=1, keys=list(range(4)), caps=[5] * 4,
+                      num_chunks=5, mixed=True)
+    other = StepShape(batched_tokens=3, kv_tokens=900, num_other_samples=0, keys=[0, 1, 3], caps=[5] * 3)
+    # A prompt joined, a request finished, or the same requests two steps later: chosen afresh.
+    for step, steps_later in ((mixed, 1), (other, 1), (_shape(4), 2)):
+        ctl, _ = prepared(5e-5)
+        calls = _count_choices(ctl)
+        for _ in range(steps_later):
+            ctl.observe_step(5, 4, features, 5e-5)
+        ctl.plan(step)
+        assert len(calls) == 1
+    ctl, _ = prepared(0.05)  # 50 ms steps: choosing is below 1% of one
+    assert ctl._ahead is None

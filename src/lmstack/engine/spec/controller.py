@@ -46,7 +46,9 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   steps of the same make-up: pure decodes with the same multiset of (cap, acceptance state) and nothing else.
   Choosing costs ~0.05 ms of numpy on a 2-core x86 host and ~0.15-0.2 ms on the H200 machine, 5-7% of a SmolLM2-135M
   step there (k = 5's step: 2.8 ms at 4 req/s); reused, it costs a dictionary lookup. The latency model and
-  the acceptance estimates drift slowly, and a refit clears the reused decisions. Where choosing costs less
+  the acceptance estimates drift slowly, and a refit clears the reused decisions. And while the device runs a
+  step of pure decodes, the host chooses for the next one (`plan_ahead`), which the next step takes if it
+  decodes exactly the same requests: one step stale, and off the step's critical path. Where choosing costs less
   than `reuse_share` (1%) of a step (on a CPU, where a step takes tens of milliseconds) every step chooses.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
   for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
@@ -139,6 +141,9 @@ class Controller:
     def maintain(self) -> None:
         """Work that need not delay a step; the decoder calls it while the device runs a forward."""
 
+    def plan_ahead(self, shape: StepShape) -> None:
+        """While the device runs the step of `shape`: prepare the next step's choice (SmartSpec)."""
+
     def forget(self, key: Any) -> None:
         self.acceptance.forget(key)
 
@@ -206,6 +211,7 @@ class SmartSpec(Controller):
         self.reuse_share = reuse_share
         self._choose_s = self._step_s = 0.0
         self._plan_s = 0.0  # host time of this step's `plan`, left out of its measured time (`observe_step`)
+        self._ahead: tuple[tuple[int, ...], int, int] | None = None  # `plan_ahead`: (decode ids, k, `steps`)
         # Refits come after `refit_every` new steps, then twice as many each time up to `max_refit_every` (a
         # refit costs a few tenths of a millisecond of host time, a large share of a small model's whole step on
         # a GPU), and at once when a group of steps reaches the samples that give it its own correction.
@@ -392,16 +398,15 @@ class SmartSpec(Controller):
         if self.coef is None:  # measuring: cycle through every k
             self._cycle += 1
             return [min(self._cycle % (self.max_k + 1), c) for c in shape.caps]
+        ahead, self._ahead = self._ahead, None
+        if (ahead is not None and ahead[2] == self.steps and not shape.mixed
+                and ahead[0] == tuple(map(id, shape.keys))):
+            return self._reuse(ahead[1], shape)
         make_up = self._make_up(shape)
         reused = self._plans.get(make_up) if make_up is not None else None
         if reused is not None and self.steps - reused[1] < self.replan_every:
-            self.speculating = 0.9 * self.speculating + 0.1
-            self._zero_streak = 0
-            return [min(reused[0], c) for c in shape.caps]
-        t0 = time.perf_counter()
-        scores, lengths = self.options(shape, self.acceptance.survivals(shape.keys))
-        chosen = lengths[int(np.argmax(scores))].tolist()
-        self._choose_s = _moving_average(self._choose_s, time.perf_counter() - t0)
+            return self._reuse(reused[0], shape)
+        chosen, plain = self._choose(shape)
         k = max(chosen)
         if make_up is not None and k > 0 and chosen == [min(k, c) for c in shape.caps]:
             if len(self._plans) >= 1024:
@@ -411,16 +416,46 @@ class SmartSpec(Controller):
         self.speculating = 0.9 * self.speculating + 0.1 * (max(chosen) > 0)
         if self._zero_streak >= self.explore_every:
             self._zero_streak = 0
-            if self._could_pay(shape, float(scores[0])):
+            if self._could_pay(shape, plain):
                 lags = shape.lags or [0] * len(shape.caps)
                 return [min(1, c) if lag <= 1 else 0 for c, lag in zip(shape.caps, lags, strict=True)]
         return chosen
 
+    def plan_ahead(self, shape: StepShape) -> None:
+        """Choose, while the device runs this step of pure decodes, the k of the next step, which decodes the
+        same requests unless one finishes or a prompt joins; the next `plan` takes it only for exactly these
+        requests and nothing else. One step stale, it keeps choosing off the step's critical path."""
+        self._ahead = None
+        if self.coef is None or not shape.caps or not self._reusable(shape):
+            return
+        k = max(self._choose(shape)[0])
+        if k > 0:
+            self._ahead = (tuple(map(id, shape.keys)), k, self.steps + 1)
+
+    def _choose(self, shape: StepShape) -> tuple[list[int], float]:
+        """Per-request lengths of the best option (`options`) and the goodput of plain decoding; the choice is
+        timed for `_reusable`."""
+        start = time.perf_counter()
+        scores, lengths = self.options(shape, self.acceptance.survivals(shape.keys))
+        chosen = lengths[int(np.argmax(scores))].tolist()
+        self._choose_s = _moving_average(self._choose_s, time.perf_counter() - start)
+        return chosen, float(scores[0])
+
+    def _reuse(self, k: int, shape: StepShape) -> list[int]:
+        """Lengths of a decision made for another step (k > 0), with the bookkeeping of a fresh one."""
+        self.speculating = 0.9 * self.speculating + 0.1
+        self._zero_streak = 0
+        return [min(k, c) for c in shape.caps]
+
+    def _reusable(self, shape: StepShape) -> bool:
+        """Whether a decision may serve another step than the one it was made for: a step of pure decodes
+        without draft lags, where choosing costs a visible share of a step (module docstring)."""
+        return not (self.replan_every <= 1 or shape.mixed or shape.lags is not None
+                    or (self._choose_s and self._choose_s <= self.reuse_share * self._step_s))
+
     def _make_up(self, shape: StepShape) -> tuple[Any, ...] | None:
-        """What a reused decision must match (module docstring); None: this step is always chosen afresh (it
-        has a prefill or draft lags, choosing is cheap next to a step, or decisions are not reused)."""
-        if (self.replan_every <= 1 or shape.mixed or shape.lags is not None
-                or (self._choose_s and self._choose_s <= self.reuse_share * self._step_s)):
+        """What a reused decision must match (module docstring); None: this step is always chosen afresh."""
+        if not self._reusable(shape):
             return None
         pairs = sorted(zip(shape.caps, self.acceptance.states(shape.keys), strict=True))
         return (shape.graph_batch, shape.graph_len, shape.graphs, shape.num_other_samples, *pairs)

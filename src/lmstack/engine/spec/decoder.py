@@ -106,6 +106,8 @@ class SpecDecoder:
 
         def launched() -> None:  # the forward is queued: CPU work here overlaps the device
             self.controller.maintain()
+            if decodes:
+                self.controller.plan_ahead(shape)
             if on_launch is not None:
                 on_launch()
 
