@@ -61,7 +61,7 @@ def _step_ms(engine: Any, case: tuple[int, int, int], repeats: int, gen: torch.G
     from lmstack.engine.sampling_params import SamplingParams
 
     n, prompts, decoding = case
-    vocab = engine.model_config.vocab_size
+    vocab = min(engine.model_config.vocab_size, engine.tokenizer.vocab_size)  # a dummy model may outsize it
 
     def ids(length: int) -> list[int]:
         return torch.randint(10, vocab, (length,), generator=gen).tolist()
