@@ -72,6 +72,15 @@ def _with_prefix(runner: ModelRunner, chunks: list[ScheduledChunk]) -> None:
     runner.use_graphs = graphs
 
 
+def _fresh_step(cfg: EngineConfig, gen: torch.Generator, runners: tuple[ModelRunner, ...]) -> list[ScheduledChunk]:
+    """Random chunks of STEP, with each runner's cache poisoned and then holding what the chunks have cached."""
+    chunks = _chunks(cfg, gen)
+    for runner in runners:
+        _poison(runner)
+        _with_prefix(runner, chunks)
+    return chunks
+
+
 def _poison(runner: ModelRunner) -> None:
     for k, v in runner.kv_caches:  # finite: padding reads the reserved block
         k.fill_(POISON)
@@ -97,10 +106,7 @@ def test_staged_padding_gives_the_eager_logits(model) -> None:
     assert graphs.sizes == [16, 32, 48, 64] and graphs.seqs == [4, 16]
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
-        chunks = _chunks(cfg, gen)
-        for runner in (eager, staged):
-            _poison(runner)
-            _with_prefix(runner, chunks)
+        chunks = _fresh_step(cfg, gen, (eager, staged))
         ref = eager.forward_logits(SchedulerOutput(chunks))
         t, b = 48, 16  # 41 tokens of 5 chunks, padded
         picks = graphs.stage(SchedulerOutput(chunks), t, b)
@@ -150,10 +156,7 @@ def test_token_graph_logits_match_the_eager_forward(model) -> None:
         (t, b) for t in (16, 32, 48, 64) for b in (4, 16)}
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
-        chunks = _chunks(cfg, gen)
-        for runner in (eager, graphs):
-            _poison(runner)
-            _with_prefix(runner, chunks)
+        chunks = _fresh_step(cfg, gen, (eager, graphs))
         timings: dict[str, float] = {}
         ref = eager.forward_logits(SchedulerOutput(chunks))
         out = graphs.forward_logits(SchedulerOutput(chunks), timings)

@@ -387,8 +387,13 @@ class ModelRunner:
             block_tables=self.s_tables[:bs], query_start_loc_cpu=list(range(0, rows + 1, q)), seq_lens_cpu=[q] * bs,
             max_query_len=q, max_seq_len=self.max_model_len, graph_bound=True,
         )
+        return self.capture_hidden(self.c_ids[:rows], self.c_pos[:rows], meta)
+
+    def capture_hidden(self, ids: torch.Tensor, pos: torch.Tensor,
+                       meta: AttentionMetadata) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture the forward of static buffers `ids`/`pos` [T] to the last hidden states [T, D], into the
+        shared graph pool (chunk and token graphs)."""
         self.backend.meta = meta
-        ids, pos = self.c_ids[:rows], self.c_pos[:rows]
         with torch.inference_mode():
             for _ in range(2):  # compile kernels and settle allocations outside the capture
                 self.model(ids, pos, self.backend)

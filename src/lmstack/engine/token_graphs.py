@@ -136,16 +136,5 @@ class TokenGraphs:
 
     def _capture(self, t: int, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture the forward (to the last hidden states) of a (t, b) step from the static buffers."""
-        r = self.runner
         self.stage(SchedulerOutput([]), t, b)  # warm-up inputs: the padding sequence only
-        r.backend.meta = self.meta(t, b)
-        ids, pos = self.ids[:t], self.pos[:t]
-        with torch.inference_mode():
-            for _ in range(2):  # compile kernels and settle allocations outside the capture
-                r.model(ids, pos, r.backend)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=r.graph_pool):
-                hidden = r.model(ids, pos, r.backend)
-        r.graph_pool = graph.pool()
-        return graph, hidden
+        return self.runner.capture_hidden(self.ids[:t], self.pos[:t], self.meta(t, b))
