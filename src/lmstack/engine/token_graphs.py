@@ -13,9 +13,9 @@ replays the whole forward of up to T tokens from B sequences:
   device, which is what a backend's `supports_chunk_graphs` promises).
 
 A graph stops at the last hidden states; the logits of the rows that sample are computed after it, so no graph
-holds a logits buffer. Token buckets grow by 1.25-1.33x (2x below 64 tokens), so padding wastes at most a
-quarter of a step's compute, which only matters where compute outweighs the launches saved: big models at the
-largest buckets (with 1.5x buckets, a 640-token prefill of Llama-3-8B shapes took 19.0 ms replayed in a
+holds a logits buffer. Above 64 tokens the buckets grow by 1.25-1.33x, so padding adds at most a third to a
+step's tokens (up to 2x below 64), which only matters where compute outweighs the launches saved: big models at
+the largest buckets (with 1.5x buckets, a 640-token prefill of Llama-3-8B shapes took 19.0 ms replayed in a
 768-token graph against 17.8 ms eager).
 """
 
