@@ -127,6 +127,36 @@ def test_a_steps_verifications_at_once_count_as_one_by_one() -> None:
         many.observe_many([0, 1], [2, 3], [1, 4])
 
 
+def test_per_request_counts_survive_growth_and_forgetting() -> None:
+    """200 requests come and go (more than the first 64 rows; finished ones are forgotten and their rows reused):
+    each request's survivals equal those computed from a plain per-request record of its own verifications."""
+    rng = np.random.default_rng(5)
+    acc, m = Acceptance(5), Acceptance(5).request_shrink
+    own: dict[int, tuple[int, np.ndarray]] = {}  # key -> (state, [accepted, tested] counts)
+    live: list[int] = []
+    for key in range(200):
+        live.append(key)
+        if len(live) > 80 or rng.random() < 0.1:
+            gone = live.pop(int(rng.integers(len(live))))
+            acc.forget(gone)
+            own.pop(gone, None)
+        step = rng.choice(live, size=min(len(live), 24), replace=False).tolist()
+        proposed = rng.integers(1, 6, len(step)).tolist()
+        accepted = [int(rng.integers(0, p + 1)) for p in proposed]
+        acc.observe_many(step, proposed, accepted)
+        for k, p, a in zip(step, proposed, accepted, strict=True):
+            counts = own.get(k, (NEW, np.zeros((2, 5))))[1] * acc.request_decay
+            counts[0, :a] += 1.0
+            counts[1, : min(a + 1, p)] += 1.0
+            own[k] = (HIT if a == p else MISS, counts)
+    hazards = acc._state_hazards()
+    keys = [*live, 999]  # 999: never seen
+    expected = [np.cumprod((c[0] + m * hazards[st]) / (c[1] + m))
+                for st, c in (own.get(k, (NEW, np.zeros((2, 5)))) for k in keys)]
+    np.testing.assert_allclose(acc.survivals(keys), np.array(expected), rtol=1e-12)
+    assert acc.states(keys) == [own.get(k, (NEW, None))[0] for k in keys]
+
+
 @pytest.mark.parametrize("draft_forwards", [False, True])
 def test_vectorized_step_times_are_the_latency_model(draft_forwards: bool) -> None:
     """What `plan` evaluates for all k at once equals `predict` of each option's features."""

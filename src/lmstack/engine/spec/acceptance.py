@@ -44,9 +44,14 @@ class Acceptance:
         self.accepted = np.zeros((len(STATES), max_k))
         self.tested = np.zeros((len(STATES), max_k))
         self.table = np.zeros((2, len(STATES), max_k))  # undiscounted [accepted, tested], for profiles
-        self.per_request: dict[Any, tuple[int, np.ndarray]] = {}  # key -> (state, [accepted, tested] [2, max_k])
+        # Each request's discounted [accepted, tested] counts and state, one row of dense arrays per request, so
+        # a step reads and updates its whole batch with a few array operations. Row 0 stays a request without
+        # history of its own (NEW, no counts): every key not seen yet reads it.
+        self._row: dict[Any, int] = {}
+        self._own = np.zeros((64, 2, max_k))
+        self._state = np.full(64, NEW, dtype=np.int64)
+        self._free = list(range(63, 0, -1))
         self.total_proposed = self.total_accepted = self.total_tested = 0
-        self._fresh = (NEW, np.zeros((2, max_k)))  # a request without history of its own
         self._hazards: np.ndarray | None = None  # `_state_hazards`, until the next observation
 
     @property
@@ -74,16 +79,29 @@ class Acceptance:
     def survivals(self, keys: list[Any]) -> np.ndarray:
         """[len(keys), max_k]: `survival` of every request at once (the controller asks for a whole batch)."""
         hazards = self._state_hazards()
-        rows = [self.per_request.get(key, self._fresh) for key in keys]
-        states = [state for state, _ in rows]
-        counts = np.array([c for _, c in rows]).reshape(len(keys), 2, self.max_k)
+        rows = self._rows(keys)
+        counts = self._own[rows]  # [B, 2, max_k]
         m = self.request_shrink  # no history of its own: its state's hazards
-        return np.cumprod((counts[:, 0] + m * hazards[states]) / (counts[:, 1] + m), axis=1)
+        return np.cumprod((counts[:, 0] + m * hazards[self._state[rows]]) / (counts[:, 1] + m), axis=1)
 
     def states(self, keys: list[Any]) -> list[int]:
         """Each request's state: its previous verification (NEW, HIT or MISS)."""
-        fresh = self._fresh
-        return [self.per_request.get(key, fresh)[0] for key in keys]
+        return self._state[self._rows(keys)].tolist()
+
+    def _rows(self, keys: list[Any]) -> np.ndarray:
+        """The requests' rows (0 for a request without history)."""
+        get = self._row.get
+        return np.fromiter((get(key, 0) for key in keys), dtype=np.int64, count=len(keys))
+
+    def _add(self, key: Any) -> int:
+        """A zeroed row for a new request (the arrays double when full)."""
+        if not self._free:
+            n = len(self._state)
+            self._own = np.concatenate([self._own, np.zeros_like(self._own)])
+            self._state = np.concatenate([self._state, np.full(n, NEW, dtype=np.int64)])
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        row = self._row[key] = self._free.pop()
+        return row
 
     def observe(self, key: Any, proposed: int, accepted: int) -> None:
         """Request `key` proposed `proposed` tokens and the target accepted the first `accepted` of them."""
@@ -99,19 +117,16 @@ class Acceptance:
             if not 0 <= a <= p <= self.max_k:
                 raise ValueError(f"need 0 <= accepted ({a}) <= proposed ({p}) <= max_k ({self.max_k})")
         acc = np.array([a for _, _, a in rows])
-        tested = np.minimum(acc + 1, [p for _, p, _ in rows])
-        states = np.empty(len(rows), dtype=np.int64)
-        for i, (key, p, a) in enumerate(rows):
-            state, own = self.per_request.get(key, self._fresh)
-            states[i] = state
-            own = own * self.request_decay
-            own[0, :a] += 1.0
-            own[1, : tested[i]] += 1.0
-            self.per_request[key] = (HIT if a == p else MISS, own)
-        self._hazards = None
+        proposed = np.array([p for _, p, _ in rows])
+        tested = np.minimum(acc + 1, proposed)
+        slots = np.array([self._row.get(key) or self._add(key) for key, _, _ in rows])  # distinct requests
+        states = self._state[slots]
         position = np.arange(self.max_k)[None, :]
         acc_mask, test_mask = (position < acc[:, None]).astype(np.float64), (position < tested[:, None]).astype(
             np.float64)
+        self._own[slots] = self._own[slots] * self.request_decay + np.stack([acc_mask, test_mask], axis=1)
+        self._state[slots] = np.where(acc == proposed, HIT, MISS)
+        self._hazards = None
         m = len(rows)
         later = self.global_decay ** np.arange(m - 1, -1, -1)[:, None]  # decays after each verification
         self.accepted *= self.global_decay**m
@@ -125,7 +140,11 @@ class Acceptance:
         self.total_tested += int(tested.sum())
 
     def forget(self, key: Any) -> None:
-        self.per_request.pop(key, None)
+        row = self._row.pop(key, None)
+        if row is not None:
+            self._own[row] = 0.0
+            self._state[row] = NEW
+            self._free.append(row)
 
     def to_profile(self) -> dict[str, Any]:
         """The undiscounted counts, for a profile (`load_profile` of a later run, `merge_tables`)."""
