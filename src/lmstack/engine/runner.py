@@ -211,16 +211,14 @@ class ModelRunner:
             token_key = self.token_graphs.key(sched)
         self.last_chunk_graph = chunk_shape
         self.last_graphed = decode_graph or chunk_shape is not None or token_key is not None
-        if token_key is not None:
+        if self.last_graphed:
             if timings is not None:
-                timings["graph_steps"] = timings.get("graph_steps", 0) + 1
-                timings["token_graph_steps"] = timings.get("token_graph_steps", 0) + 1
-            return self.token_graphs.run(sched, *token_key)
-        if decode_graph or chunk_shape is not None:
-            if timings is not None:
-                timings["graph_steps"] = timings.get("graph_steps", 0) + 1
-                if chunk_shape is not None:
-                    timings["chunk_graph_steps"] = timings.get("chunk_graph_steps", 0) + 1
+                for name, counted in (("graph_steps", True), ("chunk_graph_steps", chunk_shape is not None),
+                                      ("token_graph_steps", token_key is not None)):
+                    if counted:
+                        timings[name] = timings.get(name, 0) + 1
+            if token_key is not None:
+                return self.token_graphs.run(sched, *token_key)
             return self._run_graph(sched) if chunk_shape is None else self._run_chunk_graph(sched, *chunk_shape)
         input_ids, positions, meta, rows = self._prepare(sched)
         self.backend.meta = meta

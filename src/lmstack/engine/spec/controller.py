@@ -412,8 +412,8 @@ class SmartSpec(Controller):
             if len(self._plans) >= 1024:
                 self._plans = {key: v for key, v in self._plans.items() if self.steps - v[1] < self.replan_every}
             self._plans[make_up] = (k, self.steps)
-        self._zero_streak = self._zero_streak + 1 if max(chosen) == 0 else 0
-        self.speculating = 0.9 * self.speculating + 0.1 * (max(chosen) > 0)
+        self._zero_streak = self._zero_streak + 1 if k == 0 else 0
+        self.speculating = 0.9 * self.speculating + 0.1 * (k > 0)
         if self._zero_streak >= self.explore_every:
             self._zero_streak = 0
             if self._could_pay(shape, plain):
