@@ -652,15 +652,19 @@ def test_serve_flags() -> None:
 def test_smartspec_bench_averages_policies_over_their_traces() -> None:
     from lmstack.bench.smartspec import summarize
 
-    def run(latency: float) -> dict:
-        return {"metrics": {"mean_latency_s": latency, "steps": 10, "tokens": [[1]], "steps_by_k": {"0": 10}}}
+    def run(latency: float, by_k: dict[str, int] | None = None) -> dict:
+        return {"metrics": {"mean_latency_s": latency, "steps": 10, "tokens": [[1]],
+                            "steps_by_k": by_k or {"0": 10}}}
 
     runs = {(1.0, "nospec", 0): run(4.0), (1.0, "nospec", 1): run(6.0), (1.0, "k=3", 0): run(2.0),
-            (1.0, "k=3", 1): run(3.0), (1.0, "smart", 0): run(2.0), (1.0, "smart", 1): run(3.5)}
+            (1.0, "k=3", 1): run(3.0), (1.0, "smart", 0): run(2.0, {"0": 4, "5": 6}),
+            (1.0, "smart", 1): run(3.5, {"0": 2, "10": 1, "3": 7})}
     m = summarize(runs, [1.0], ["nospec", "k=3", "smart"])
     row = m["by_rate"][0]
     assert row["nospec"]["mean_latency_s"] == 5.0 and row["nospec"]["mean_latency_s_by_trace"] == [4.0, 6.0]
-    assert row["smart"]["traces"] == 2 and row["smart"]["steps_by_k"] == {"0": 10} and "tokens" not in row["smart"]
+    assert row["nospec"]["steps_by_k"] == {"0": 10} and "tokens" not in row["smart"]
+    assert row["smart"]["traces"] == 2 and row["smart"]["steps_by_k"] == {"0": 3, "3": 3.5, "5": 3, "10": 0.5}
+    assert list(row["smart"]["steps_by_k"]) == ["0", "3", "5", "10"]
     assert m["best_speedup_vs_nospec"] == pytest.approx(2.0)
     assert m["worst_smart_over_best_fixed"] == pytest.approx(2.75 / 2.5)
     assert m["worst_smart_over_nospec"] == pytest.approx(2.75 / 5.0)
@@ -691,3 +695,31 @@ def test_smartspec_bench_alternates_the_turns_of_the_policies() -> None:
     assert [n for n, _ in turns(policies, 0)] == ["nospec", "k=1", "k=3", "smart"]
     assert [n for n, _ in turns(policies, 1)] == ["nospec", "smart", "k=3", "k=1"]
     assert turns(policies, 2) == turns(policies, 0)
+
+
+def test_a_mixed_step_chooses_ahead_for_its_decodes_alone(target, reference, monkeypatch) -> None:
+    """While a step that prefills a prompt runs, the next step's k is chosen from the step's decodes alone,
+    as a step of pure decodes (the prompt joins them next step); the output stays the reference's."""
+    engine = _engine(target, spec_k="smart")
+    seen: list[tuple[bool, StepShape, int]] = []  # (pure decodes, shape chosen ahead from, its KV tokens)
+    plan_ahead = engine.spec.controller.plan_ahead
+    execute = engine.spec.execute
+
+    def traced(sched, *a, **kw):
+        monkeypatch.setattr(engine.spec.controller, "plan_ahead",
+                            lambda shape: seen.append((sched.is_decode, shape, sum(q.num_tokens for q in shape.keys)))
+                            or plan_ahead(shape))
+        return execute(sched, *a, **kw)
+
+    monkeypatch.setattr(engine.spec, "execute", traced)
+    done = {}
+    for i, p in enumerate(PROMPTS):  # one prompt joins every other step, while the others decode
+        engine.add_request(p, GREEDY, request_id=str(i))
+        for _ in range(2):
+            done.update({int(o.request_id): o.outputs[0].token_ids for o in engine.step() if o.finished})
+    while engine.has_unfinished:
+        done.update({int(o.request_id): o.outputs[0].token_ids for o in engine.step() if o.finished})
+    assert done == reference
+    mixed = [(shape, kv) for is_decode, shape, kv in seen if not is_decode]
+    assert mixed and all(not s.mixed and s.num_other_samples == 0 and s.batched_tokens == len(s.keys)
+                         and s.num_chunks in (None, len(s.keys)) and s.kv_tokens == kv for s, kv in mixed)

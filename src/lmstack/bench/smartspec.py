@@ -217,11 +217,18 @@ def replay(engine: Any, prompts: list[list[int]], offsets: list[float], params: 
 
 
 def average_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One policy's metrics at one rate over its traces: numbers averaged, the rest from the first trace, plus
-    each trace's mean latency (its spread is the run-to-run noise the ratios should be read against)."""
-    first = {k: v for k, v in runs[0]["metrics"].items() if k != "tokens"}
-    out = {k: (float(np.mean([r["metrics"][k] for r in runs])) if isinstance(v, (int, float))
-               and not isinstance(v, bool) else v) for k, v in first.items()}
+    """One policy's metrics at one rate over its traces: numbers and tables of counts (steps by k) averaged,
+    the rest from the first trace, plus each trace's mean latency (its spread is the run-to-run noise the
+    ratios should be read against)."""
+    def mean(key: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            keys = sorted({k for r in runs for k in r["metrics"].get(key, {})}, key=lambda k: (len(k), k))
+            return {k: float(np.mean([r["metrics"].get(key, {}).get(k, 0) for r in runs])) for k in keys}
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(np.mean([r["metrics"][key] for r in runs]))
+        return value
+
+    out = {k: mean(k, v) for k, v in runs[0]["metrics"].items() if k != "tokens"}
     out["traces"] = len(runs)
     out["mean_latency_s_by_trace"] = [r["metrics"]["mean_latency_s"] for r in runs]
     return out
@@ -300,7 +307,7 @@ def plot(metrics: dict[str, Any], path: Path, title: str) -> bool:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the sweep described by `args`; write results JSON, plot and profile; return the metrics."""
     from lmstack import LLM, SamplingParams
-    from lmstack.engine.spec.controller import merge_profiles, read_profile, save_profile
+    from lmstack.engine.spec.controller import SmartSpec, merge_profiles, read_profile, save_profile
 
     policies = _check(args)
     if args.threads is not None:
@@ -357,6 +364,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     metrics.update(acceptance_rate=acc.total_accepted / max(acc.total_tested, 1),
                                    proposed_tokens=acc.total_proposed, accepted_tokens=acc.total_accepted,
                                    steps_by_k={str(k): v for k, v in sorted(ctl.chosen.items())})
+                    if isinstance(ctl, SmartSpec):
+                        metrics["plans_by_source"] = dict(ctl.sources)
                     record["profile"] = ctl.profile()
                     profiles.append(record["profile"])
                 ref = done.get((rate, "nospec", rep))

@@ -47,8 +47,9 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   Choosing costs ~0.05 ms of numpy on a 2-core x86 host and ~0.15-0.2 ms on the H200 machine, 5-7% of a SmolLM2-135M
   step there (k = 5's step: 2.8 ms at 4 req/s); reused, it costs a dictionary lookup. The latency model and
   the acceptance estimates drift slowly, and a refit clears the reused decisions. And while the device runs a
-  step of pure decodes, the host chooses for the next one (`plan_ahead`), which the next step takes if it
-  decodes exactly the same requests: one step stale, and off the step's critical path. Where choosing costs less
+  step, the host chooses for the next one from this step's decodes (`plan_ahead`), which the next step takes
+  if it is pure decodes of nearly the same requests (at most 1 in 8 finished or joined): one step stale, and
+  off the step's critical path. Where choosing costs less
   than `reuse_share` (1%) of a step (on a CPU, where a step takes tens of milliseconds) every step chooses.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
   for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
@@ -203,7 +204,7 @@ class SmartSpec(Controller):
 
     def __init__(self, max_k: int, draft_forwards: bool, refit_every: int = 16, max_refit_every: int = 256,
                  explore_every: int = 64, min_samples: int = 2, min_k_samples: int = 8, window: int = 32,
-                 replan_every: int = 16, reuse_share: float = 0.01) -> None:
+                 replan_every: int = 16, reuse_share: float = 0.01, ahead_share: float = 0.125) -> None:
         super().__init__(max_k, draft_forwards, window)
         self.replan_every = replan_every  # steps a decision is reused for (module docstring); 1: choose every step
         self._plans: dict[tuple[Any, ...], tuple[int, int]] = {}  # step make-up -> (k, `steps` when chosen)
@@ -211,7 +212,9 @@ class SmartSpec(Controller):
         self.reuse_share = reuse_share
         self._choose_s = self._step_s = 0.0
         self._plan_s = 0.0  # host time of this step's `plan`, left out of its measured time (`observe_step`)
-        self._ahead: tuple[tuple[int, ...], int, int] | None = None  # `plan_ahead`: (decode ids, k, `steps`)
+        self._ahead: tuple[frozenset[int], int, int] | None = None  # `plan_ahead`: (decode ids, k, `steps`)
+        self.ahead_share = ahead_share  # share of a step's decodes that may differ from those chosen ahead for
+        self.sources = {"ahead": 0, "reused": 0, "chosen": 0}  # how each fitted step's plan was made
         # Refits come after `refit_every` new steps, then twice as many each time up to `max_refit_every` (a
         # refit costs a few tenths of a millisecond of host time, a large share of a small model's whole step on
         # a GPU), and at once when a group of steps reaches the samples that give it its own correction.
@@ -399,13 +402,17 @@ class SmartSpec(Controller):
             self._cycle += 1
             return [min(self._cycle % (self.max_k + 1), c) for c in shape.caps]
         ahead, self._ahead = self._ahead, None
-        if (ahead is not None and ahead[2] == self.steps and not shape.mixed
-                and ahead[0] == tuple(map(id, shape.keys))):
-            return self._reuse(ahead[1], shape)
+        if ahead is not None and ahead[2] == self.steps and not shape.mixed:
+            ids = set(map(id, shape.keys))
+            if len(ids ^ ahead[0]) <= self.ahead_share * len(ids):
+                self.sources["ahead"] += 1
+                return self._reuse(ahead[1], shape)
         make_up = self._make_up(shape)
         reused = self._plans.get(make_up) if make_up is not None else None
         if reused is not None and self.steps - reused[1] < self.replan_every:
+            self.sources["reused"] += 1
             return self._reuse(reused[0], shape)
+        self.sources["chosen"] += 1
         chosen, plain = self._choose(shape)
         k = max(chosen)
         if make_up is not None and k > 0 and chosen == [min(k, c) for c in shape.caps]:
@@ -422,15 +429,17 @@ class SmartSpec(Controller):
         return chosen
 
     def plan_ahead(self, shape: StepShape) -> None:
-        """Choose, while the device runs this step of pure decodes, the k of the next step, which decodes the
-        same requests unless one finishes or a prompt joins; the next `plan` takes it only for exactly these
-        requests and nothing else. One step stale, it keeps choosing off the step's critical path."""
+        """Choose, while the device runs this step, the k of the next step, from `shape`: this step's decodes
+        alone, as a step of pure decodes. The next step decodes the same requests, less those that finish and
+        plus prompts that complete now; the next `plan` takes the k if it is pure decodes and differs from
+        these in at most `ahead_share` of its requests (a few requests of many hardly move the best k). One
+        step stale, it keeps choosing off the step's critical path."""
         self._ahead = None
         if self.coef is None or not shape.caps or not self._reusable(shape):
             return
         k = max(self._choose(shape)[0])
         if k > 0:
-            self._ahead = (tuple(map(id, shape.keys)), k, self.steps + 1)
+            self._ahead = (frozenset(map(id, shape.keys)), k, self.steps + 1)
 
     def _choose(self, shape: StepShape) -> tuple[list[int], float]:
         """Per-request lengths of the best option (`options`) and the goodput of plain decoding; the choice is

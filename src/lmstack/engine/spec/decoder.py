@@ -107,7 +107,7 @@ class SpecDecoder:
         def launched() -> None:  # the forward is queued: CPU work here overlaps the device
             self.controller.maintain()
             if decodes:
-                self.controller.plan_ahead(shape)
+                self.controller.plan_ahead(shape if sched.is_decode else self._decodes_alone(decodes, shape))
             if on_launch is not None:
                 on_launch()
 
@@ -140,6 +140,15 @@ class SpecDecoder:
         for key, seconds in (("forward_s", t2 - t1), ("sample_s", t3 - t2)):
             timings[key] = timings.get(key, 0.0) + seconds
         return out
+
+    def _decodes_alone(self, decodes: list[ScheduledChunk], shape: StepShape) -> StepShape:
+        """A mixed step's decodes as a step of their own: what the next step, once the prompts are in, is
+        made of (for `Controller.plan_ahead`)."""
+        alone = StepShape(batched_tokens=len(decodes), kv_tokens=sum(c.start + 1 for c in decodes),
+                          num_other_samples=0, keys=shape.keys, caps=shape.caps, lags=shape.lags,
+                          remaining=shape.remaining, graphs=shape.graphs)
+        alone.graph_batch, alone.graph_len = self.runner.chunk_graph_bound(len(decodes))
+        return alone
 
     def observe(self, seconds: float) -> None:
         """The whole engine step took `seconds`: one more point for the latency model."""
