@@ -331,13 +331,15 @@ def test_a_step_is_measured_without_the_time_spent_choosing_it() -> None:
 
 
 def test_the_next_k_is_chosen_while_the_device_runs_the_step() -> None:
-    """`plan_ahead` chooses for the next step; the next `plan` takes that k without choosing when it is pure
-    decodes, one step later, of nearly the same requests: at most 1 in 8 finished or joined. Where choosing is
-    cheap next to a step (a CPU), nothing is chosen ahead."""
-    def prepared(n: int, step_s: float = 5e-5) -> tuple[SmartSpec, list[int]]:
-        ctl = _measured(lambda b, k: step_s + 1e-6 * b * k)
+    """`plan_ahead` chooses for the next step; the next `plan` takes that k without choosing when it decodes,
+    one step later, nearly the same requests (at most 1 in 8 finished or joined), and either decodes only or
+    the k is K (a step that also prefills pays less for proposals). Where choosing is cheap next to a step (a
+    CPU), nothing is chosen ahead."""
+    def prepared(n: int, step_s: float = 5e-5, per_k: float = 1e-6, alpha: float = 0.9
+                 ) -> tuple[SmartSpec, list[int]]:
+        ctl = _measured(lambda b, k: step_s + per_k * b * k)
         ctl.reuse_share = 0.01
-        _set_rates(ctl, [0.9] * 24)
+        _set_rates(ctl, [alpha] * 24)
         fresh = ctl.plan(_shape(n))  # also times choosing, for `_reusable`
         ctl._plans.clear()  # only the choice made ahead may serve a later step
         ctl.plan_ahead(_shape(n))
@@ -357,15 +359,17 @@ def test_the_next_k_is_chosen_while_the_device_runs_the_step() -> None:
         (16, decodes(list(range(1, 17))), 1, True),  # both: 2 of 16
         (16, decodes(list(range(3, 19))), 1, False),  # 6 of 16 differ
         (4, decodes([0, 1, 3]), 1, False),  # one of 4 finished
-        (4, mixed, 1, False), (4, _shape(4), 2, False),
+        (4, mixed, 1, True), (4, _shape(4), 2, False),
     ]
-    for n, step, steps_later, taken in cases:
-        ctl, fresh = prepared(n)
+    short_k = [(4, mixed, 1, False), (4, _shape(4), 1, True)]  # less accepted and dearer proposals: k < K
+    for short, (n, step, steps_later, taken) in [*((False, c) for c in cases), *((True, c) for c in short_k)]:
+        ctl, fresh = prepared(n, per_k=3e-6, alpha=0.7) if short else prepared(n)
         calls = _count_choices(ctl)
         for _ in range(steps_later):
             ctl.observe_step(5, 4, features, 5e-5)
         lengths = ctl.plan(step)
         assert (not calls) == taken, (n, step.keys, steps_later)
+        assert (0 < max(fresh) < 5) if short else max(fresh) == 5
         if taken:
             assert lengths == [max(fresh)] * len(step.keys)
     ctl, _ = prepared(4, 0.05)  # 50 ms steps: choosing is below 1% of one

@@ -48,8 +48,8 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   step there (k = 5's step: 2.8 ms at 4 req/s); reused, it costs a dictionary lookup. The latency model and
   the acceptance estimates drift slowly, and a refit clears the reused decisions. And while the device runs a
   step, the host chooses for the next one from this step's decodes (`plan_ahead`), which the next step takes
-  if it is pure decodes of nearly the same requests (at most 1 in 8 finished or joined): one step stale, and
-  off the step's critical path. Where choosing costs less
+  if it decodes nearly the same requests (at most 1 in 8 finished or joined), and either decodes only or the
+  k is K: one step stale, and off the step's critical path. Where choosing costs less
   than `reuse_share` (1%) of a step (on a CPU, where a step takes tens of milliseconds) every step chooses.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
   for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
@@ -402,7 +402,7 @@ class SmartSpec(Controller):
             self._cycle += 1
             return [min(self._cycle % (self.max_k + 1), c) for c in shape.caps]
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[2] == self.steps and not shape.mixed:
+        if ahead is not None and ahead[2] == self.steps and (not shape.mixed or ahead[1] == self.max_k):
             ids = set(map(id, shape.keys))
             if len(ids ^ ahead[0]) <= self.ahead_share * len(ids):
                 self.sources["ahead"] += 1
@@ -431,9 +431,11 @@ class SmartSpec(Controller):
     def plan_ahead(self, shape: StepShape) -> None:
         """Choose, while the device runs this step, the k of the next step, from `shape`: this step's decodes
         alone, as a step of pure decodes. The next step decodes the same requests, less those that finish and
-        plus prompts that complete now; the next `plan` takes the k if it is pure decodes and differs from
-        these in at most `ahead_share` of its requests (a few requests of many hardly move the best k). One
-        step stale, it keeps choosing off the step's critical path."""
+        plus prompts that complete now; the next `plan` takes the k if its decodes differ from these in at
+        most `ahead_share` of its requests (a few requests of many hardly move the best k), and if it is pure
+        decodes or the k is K. A step that prefills a prompt as well leaves the decode path whatever k is, so
+        proposals cost it less than they cost a pure step: where K was best for the pure step, it is for the
+        mixed one. One step stale, it keeps choosing off the step's critical path."""
         self._ahead = None
         if self.coef is None or not shape.caps or not self._reusable(shape):
             return
