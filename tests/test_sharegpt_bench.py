@@ -114,3 +114,36 @@ def test_env_info_has_versions_and_device():
     assert "cores" in env["device"]
     for key in ("torch", "transformers", "python", "git_sha"):
         assert env[key]
+
+
+def test_source_tree_names_the_code_on_disk_without_writing_to_the_repository(tmp_path, monkeypatch):
+    """The id is the commit's `src` tree while src/ is as committed, and changes with an edited or a new
+    untracked file there; the repository's object store is not written to (a copied checkout may be
+    read-only, and results are not commits)."""
+    import subprocess
+
+    from lmstack.bench import results
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "a.py").write_text("A = 1\n")
+    (tmp_path / "README").write_text("outside src\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    monkeypatch.setattr(results, "_REPO_DIR", tmp_path / "src" / "pkg")
+    objects = sorted(p for p in (tmp_path / ".git" / "objects").rglob("*") if p.is_file())
+    assert results.source_tree() == git("rev-parse", "HEAD:src")
+    (tmp_path / "README").write_text("edited outside src\n")
+    assert results.source_tree() == git("rev-parse", "HEAD:src")
+    (tmp_path / "src" / "pkg" / "a.py").write_text("A = 2\n")
+    edited = results.source_tree()
+    assert edited not in (None, git("rev-parse", "HEAD:src"))
+    (tmp_path / "src" / "pkg" / "b.py").write_text("B = 1\n")
+    assert results.source_tree() not in (None, edited)
+    assert sorted(p for p in (tmp_path / ".git" / "objects").rglob("*") if p.is_file()) == objects
+    monkeypatch.setattr(results, "_REPO_DIR", tmp_path.parent)  # not a repository
+    assert results.source_tree() is None

@@ -7,6 +7,7 @@ import os
 import platform
 import shlex
 import subprocess
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -29,9 +30,10 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, env: dict[str, str] | None = None) -> str | None:
     try:
-        done = subprocess.run(["git", *args], cwd=_REPO_DIR, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", *args], cwd=_REPO_DIR, capture_output=True, text=True, timeout=10,
+                              env=None if env is None else {**os.environ, **env})
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -45,6 +47,20 @@ def git_sha() -> str:
     # Untracked files (results, scratch) do not count, as with `git describe --dirty`.
     changes = _git("status", "--porcelain", "--untracked-files=no")
     return f"{sha}-dirty" if changes else sha
+
+
+def source_tree() -> str | None:
+    """Git tree id of src/ as it is on disk, untracked files included (for the commit that holds this code,
+    `git rev-parse COMMIT:src` gives the same id): it names the code that ran where HEAD does not, as in a
+    copy of the working tree whose .git is older. Hashed into a scratch object store, so the repository is not
+    written to; None outside git."""
+    with tempfile.TemporaryDirectory() as scratch:
+        objects = os.path.join(scratch, "objects")
+        os.mkdir(objects)
+        env = {"GIT_INDEX_FILE": os.path.join(scratch, "index"), "GIT_OBJECT_DIRECTORY": objects}
+        if _git("add", "-A", "--", ":/src", env=env) is None:
+            return None
+        return _git("write-tree", "--prefix=src/", env=env)
 
 
 def _cpu_name() -> str:
@@ -81,6 +97,7 @@ def env_info(device: str | torch.device | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_sha": git_sha(),
+        "source_tree": source_tree(),
     }
 
 
