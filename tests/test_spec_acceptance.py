@@ -374,3 +374,25 @@ def test_the_next_k_is_chosen_while_the_device_runs_the_step() -> None:
             assert lengths == [max(fresh)] * len(step.keys)
     ctl, _ = prepared(4, 0.05)  # 50 ms steps: choosing is below 1% of one
     assert ctl._ahead is None
+
+
+def test_a_k_taken_ahead_is_passed_on_until_it_is_replan_every_steps_old() -> None:
+    """Steps that take the k chosen ahead pass it on to the next without choosing again, until the choice is
+    `replan_every` steps old; a refit of the latency model makes the next step choose afresh."""
+    ctl = _measured(lambda b, k: 5e-5 + 1e-6 * b * k)
+    _set_rates(ctl, [0.9] * 16)
+    first = ctl.plan(_shape(16))  # times choosing, for `_reusable`
+    ctl._plans.clear()
+    ctl.plan_ahead(_shape(16))
+    calls = _count_choices(ctl)
+    features = step_features(16, 4800, 0, 0, 0)
+    for step in range(1, 21):
+        ctl.observe_step(5, 16, features, 5e-5)
+        assert ctl.plan(_shape(16)) == [max(first)] * 16
+        ctl.plan_ahead(_shape(16))
+        assert len(calls) == (step >= ctl.replan_every), step
+    ctl.observe_step(5, 16, features, 5e-5)
+    ctl.plan(_shape(16))
+    ctl.refit()
+    ctl.plan_ahead(_shape(16))
+    assert len(calls) == 2

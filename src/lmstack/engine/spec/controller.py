@@ -49,7 +49,8 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   the acceptance estimates drift slowly, and a refit clears the reused decisions. And while the device runs a
   step, the host chooses for the next one from this step's decodes (`plan_ahead`), which the next step takes
   if it decodes nearly the same requests (at most 1 in 8 finished or joined), and either decodes only or the
-  k is K: one step stale, and off the step's critical path. Where choosing costs less
+  k is K: one step stale, and off the step's critical path. A k so taken is passed on to the next step
+  without choosing again until it is `replan_every` steps old. Where choosing costs less
   than `reuse_share` (1%) of a step (on a CPU, where a step takes tens of milliseconds) every step chooses.
 - Until three proposal lengths have been measured, steps cycle through 0..K; afterwards, when k = 0 has won
   for a long stretch, one step proposes a single token so that acceptance estimates stay current, unless no k
@@ -212,7 +213,10 @@ class SmartSpec(Controller):
         self.reuse_share = reuse_share
         self._choose_s = self._step_s = 0.0
         self._plan_s = 0.0  # host time of this step's `plan`, left out of its measured time (`observe_step`)
-        self._ahead: tuple[frozenset[int], int, int] | None = None  # `plan_ahead`: (decode ids, k, `steps`)
+        # `plan_ahead`: (decode ids, k, `steps` of the step it is for, `steps` when chosen); `_taken`: (k, `steps`
+        # when chosen) of the choice made ahead that this step took, which `plan_ahead` may pass on.
+        self._ahead: tuple[frozenset[int], int, int, int] | None = None
+        self._taken: tuple[int, int] | None = None
         self.ahead_share = ahead_share  # share of a step's decodes that may differ from those chosen ahead for
         self.sources = {"ahead": 0, "reused": 0, "chosen": 0}  # how each fitted step's plan was made
         # Refits come after `refit_every` new steps, then twice as many each time up to `max_refit_every` (a
@@ -287,7 +291,7 @@ class SmartSpec(Controller):
         groups, medians, counts = group_medians(bucket * 2 + (k > 0), ratio)
         self.correction = {(bool(g % 2), g // 2): m for g, m, n in zip(groups, medians, counts, strict=True)
                            if n >= self.min_samples}
-        self.k_correction, self._correction_rows, self._plans = {}, {}, {}
+        self.k_correction, self._correction_rows, self._plans, self._taken = {}, {}, {}, None
         m = self.min_k_samples
         for g, median, n in zip(*group_medians(bucket * (self.max_k + 1) + k, ratio), strict=True):
             kk, b = g % (self.max_k + 1), g // (self.max_k + 1)
@@ -394,6 +398,7 @@ class SmartSpec(Controller):
         return lengths
 
     def _plan(self, shape: StepShape) -> list[int]:
+        self._taken = None
         if not shape.caps or max(shape.caps) == 0:
             return [0] * len(shape.caps)
         if self.coef is None:
@@ -406,6 +411,7 @@ class SmartSpec(Controller):
             ids = set(map(id, shape.keys))
             if len(ids ^ ahead[0]) <= self.ahead_share * len(ids):
                 self.sources["ahead"] += 1
+                self._taken = ahead[1], ahead[3]
                 return self._reuse(ahead[1], shape)
         make_up = self._make_up(shape)
         reused = self._plans.get(make_up) if make_up is not None else None
@@ -435,13 +441,19 @@ class SmartSpec(Controller):
         most `ahead_share` of its requests (a few requests of many hardly move the best k), and if it is pure
         decodes or the k is K. A step that prefills a prompt as well leaves the decode path whatever k is, so
         proposals cost it less than they cost a pure step: where K was best for the pure step, it is for the
-        mixed one. One step stale, it keeps choosing off the step's critical path."""
+        mixed one. One step stale, it keeps choosing off the step's critical path. A step that took such a k
+        passes it on unchosen, as decisions are reused (module docstring), until it is `replan_every` steps
+        old: choosing ahead also costs host time, which a step of a small model does not always hide."""
         self._ahead = None
         if self.coef is None or not shape.caps or not self._reusable(shape):
             return
+        ids = frozenset(map(id, shape.keys))
+        if self._taken is not None and self.steps - self._taken[1] < self.replan_every:
+            self._ahead = (ids, self._taken[0], self.steps + 1, self._taken[1])
+            return
         k = max(self._choose(shape)[0])
         if k > 0:
-            self._ahead = (frozenset(map(id, shape.keys)), k, self.steps + 1)
+            self._ahead = (ids, k, self.steps + 1, self.steps)
 
     def _choose(self, shape: StepShape) -> tuple[list[int], float]:
         """Per-request lengths of the best option (`options`) and the goodput of plain decoding; the choice is
