@@ -4,7 +4,7 @@
 #   prompts; needs .carry/ah/ from `DRAFT=1 benchmarks/prepare_arena_carry.sh` with every model and draft part
 #   carried (see that script). Writes $OUT/smartspec_gpu.json.
 # PROPOSER=ngram: prompt lookup on SmolLM2-135M-Instruct repeating and editing wikitext-2 paragraphs; needs
-#   .carry/ss/ from benchmarks/prepare_smartspec_carry.sh (its two GGUF parts). Writes $OUT/smartspec_ngram_gpu.json.
+#   .carry/ss/ from benchmarks/prepare_smartspec_carry.sh (its three GGUF parts). Writes $OUT/smartspec_ngram_gpu.json.
 # Each also writes the run log (.jsonl), the plot (.png) and the SmartSpec profile (.profile.json) beside it.
 set -uo pipefail
 OUT=${OUT:-/tmp/lmstack-out}
