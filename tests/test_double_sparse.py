@@ -465,3 +465,22 @@ def test_sparse_prefill_on_cuda_takes_a_channel_table_kept_on_the_cpu() -> None:
     on_cpu = ref.ds_causal_attention(q, k, v, channels, 8, 0, D ** -0.5)
     on_gpu = ref.ds_causal_attention(q, k, v, channels.cuda(), 8, 0, D ** -0.5)
     torch.testing.assert_close(on_cpu, on_gpu)
+
+
+def test_speed_bench_reports_the_e2e_variants_that_ran(capsys) -> None:
+    """End to end runs only the chosen variants beside dense; each ratio is its tokens/s over dense's, the
+    headline metrics hold only what ran, and an unknown variant is a clear error (before any GPU check)."""
+    from lmstack.bench.double_sparsity_speed import _metrics, e2e_speedups
+    from lmstack.cli import main
+
+    runs = {"dense": {"tok_s": 100.0, "eager_tok_s": 80.0}, "double_sparse_kv_group_s16": {"tok_s": 190.0}}
+    speedups = e2e_speedups(runs)
+    assert speedups == {"speedup_kv_group_s16": 1.9}
+    m = _metrics({"e2e": {"runs": runs, **speedups}})
+    assert m["e2e_decode_speedup_kv_group_s16"] == 1.9 and "e2e_decode_speedup" not in m
+    assert m["e2e_decode_tok_s"] == {"dense": 100.0, "double_sparse_kv_group_s16": 190.0}
+    runs["double_sparse"] = {"tok_s": 120.0}
+    assert e2e_speedups(runs) == {"speedup": 1.2, "speedup_kv_group_s16": 1.9, "speedup_vs_dense_eager": 1.5}
+    assert main(["bench", "double-sparsity-speed", "--e2e-variants", "kv_group,fast"]) == 2
+    err = capsys.readouterr().err
+    assert "--e2e-variants takes a subset of head, kv_group" in err and "Traceback" not in err

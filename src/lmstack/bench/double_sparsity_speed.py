@@ -30,6 +30,9 @@ from lmstack.errors import LmstackError
 
 DEFAULT_OUTPUT = Path("benchmarks/results/double_sparsity_speed.json")
 PARTS = ("attention", "e2e", "offload")
+# End-to-end Double Sparsity variants (NOTES), each run against the dense backend; its run is named
+# double_sparse_<variant> ("double_sparse" for head) and its ratio speedup_<variant> ("speedup" for head).
+E2E_VARIANTS = ("head", "kv_group", "kv_group_s16", "kv_group_s16_radix", "kv_group_s16_int8")
 
 
 NOTES = [
@@ -76,12 +79,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-context", type=int, default=32768)
     parser.add_argument("--e2e-batch", type=int, default=8)
     parser.add_argument("--e2e-steps", type=int, default=16, help="timed decode steps per backend")
+    parser.add_argument("--e2e-variants", default=",".join(E2E_VARIANTS),
+                        help=f"comma-separated subset of {','.join(E2E_VARIANTS)} run end to end beside dense "
+                             "(each costs a prefill of the whole batch)")
     parser.add_argument("--offload-batch", type=int, default=1)
     parser.add_argument("--offload-max-context", type=int, default=1 << 20,
                         help="cap on the offload context (default 1M; the host's memory decides below that)")
     parser.add_argument("--offload-steps", type=int, default=3, help="timed decode steps per offload mode")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--output", default=None, help=f"results JSON (default {DEFAULT_OUTPUT}); PNG beside it")
+
+
+def _e2e_variants(text: str) -> list[str]:
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(E2E_VARIANTS))
+    if unknown or not variants:
+        raise LmstackError(f"--e2e-variants takes a subset of {', '.join(E2E_VARIANTS)}, got {text!r}")
+    return [v for v in E2E_VARIANTS if v in variants]
 
 
 def _check_args(args: argparse.Namespace) -> tuple[float, list[str]]:
@@ -99,6 +113,7 @@ def _check_args(args: argparse.Namespace) -> tuple[float, list[str]]:
             raise LmstackError(f"--{name.replace('_', '-')} must be >= 1")
     if args.e2e_steps < 2:
         raise LmstackError("--e2e-steps must be >= 2 (half as many eager steps are timed too)")
+    _e2e_variants(args.e2e_variants)
     if not torch.cuda.is_available():
         raise LmstackError("the Double Sparsity speed benchmark needs a CUDA GPU (its kernels are Triton on CUDA)")
     return budget, parts
@@ -142,13 +157,12 @@ def _e2e(model: Any, tokenizer: Any, r: int, args: argparse.Namespace) -> dict[s
         ds_options["r"] = args.r
     runs: dict[str, Any] = {}
     kv_group = {**ds_options, "selection": "kv_group"}
-    for name, backend, options in (("dense", "triton", {}), ("double_sparse", "double_sparse", ds_options),
-                                   ("double_sparse_kv_group", "double_sparse", kv_group),
-                                   ("double_sparse_kv_group_s16", "double_sparse", {**kv_group, "score_bits": 16}),
-                                   ("double_sparse_kv_group_s16_radix", "double_sparse",
-                                    {**kv_group, "score_bits": 16, "topk": "radix"}),
-                                   ("double_sparse_kv_group_s16_int8", "double_sparse",
-                                    {**kv_group, "score_bits": 16, "label_bits": 8, "r": 2 * r})):
+    options_by_variant = {"head": ds_options, "kv_group": kv_group, "kv_group_s16": {**kv_group, "score_bits": 16},
+                          "kv_group_s16_radix": {**kv_group, "score_bits": 16, "topk": "radix"},
+                          "kv_group_s16_int8": {**kv_group, "score_bits": 16, "label_bits": 8, "r": 2 * r}}
+    backends = [("dense", "triton", {})] + [(_run_name(v), "double_sparse", options_by_variant[v])
+                                           for v in _e2e_variants(args.e2e_variants)]
+    for name, backend, options in backends:
         # Room for the decode steps the first sequences take while the last prompts are prefilled in chunks.
         prefill_steps = args.e2e_batch * (args.e2e_context // EngineConfig.max_num_batched_tokens + 1)
         config = EngineConfig(max_num_seqs=args.e2e_batch,
@@ -170,12 +184,24 @@ def _e2e(model: Any, tokenizer: Any, r: int, args: argparse.Namespace) -> dict[s
         split["eager_tok_s"] = args.e2e_batch / split["eager_step_ms"] * 1e3
         runs[name] = split
     return {"batch": args.e2e_batch, "context": args.e2e_context, "options": ds_options, "runs": runs,
-            "speedup": runs["double_sparse"]["tok_s"] / runs["dense"]["tok_s"],
-            "speedup_kv_group": runs["double_sparse_kv_group"]["tok_s"] / runs["dense"]["tok_s"],
-            "speedup_kv_group_s16": runs["double_sparse_kv_group_s16"]["tok_s"] / runs["dense"]["tok_s"],
-            "speedup_kv_group_s16_radix": runs["double_sparse_kv_group_s16_radix"]["tok_s"] / runs["dense"]["tok_s"],
-            "speedup_kv_group_s16_int8": runs["double_sparse_kv_group_s16_int8"]["tok_s"] / runs["dense"]["tok_s"],
-            "speedup_vs_dense_eager": runs["double_sparse"]["tok_s"] / runs["dense"]["eager_tok_s"]}
+            **e2e_speedups(runs)}
+
+
+def _run_name(variant: str) -> str:
+    return "double_sparse" if variant == "head" else f"double_sparse_{variant}"
+
+
+def e2e_speedups(runs: dict[str, Any]) -> dict[str, float]:
+    """Tokens/s of each Double Sparsity variant that ran over dense's (`E2E_VARIANTS`), and per-head lists
+    over dense run eagerly."""
+    out = {}
+    for variant in E2E_VARIANTS:
+        if _run_name(variant) in runs:
+            key = "speedup" if variant == "head" else f"speedup_{variant}"
+            out[key] = runs[_run_name(variant)]["tok_s"] / runs["dense"]["tok_s"]
+    if "double_sparse" in runs:
+        out["speedup_vs_dense_eager"] = runs["double_sparse"]["tok_s"] / runs["dense"]["eager_tok_s"]
+    return out
 
 
 def _offload(model: Any, model_cfg: Any, channels: torch.Tensor, fraction: float,
@@ -202,13 +228,12 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
         m["attn_speedup_1_16_max_kv_group_s16_radix"] = max(r["speedup_kv_group_s16_radix"] for r in rows)
         best = max(rows, key=lambda r: r["speedup_head"])
         m["attn_speedup_1_16_max_at"] = {"batch": best["batch"], "context": best["context"]}
-    if "speedup" in results.get("e2e", {}):
-        m["e2e_decode_speedup"] = results["e2e"]["speedup"]
-        m["e2e_decode_speedup_kv_group"] = results["e2e"]["speedup_kv_group"]
-        m["e2e_decode_speedup_kv_group_s16"] = results["e2e"]["speedup_kv_group_s16"]
-        m["e2e_decode_speedup_kv_group_s16_radix"] = results["e2e"]["speedup_kv_group_s16_radix"]
-        m["e2e_decode_speedup_kv_group_s16_int8"] = results["e2e"]["speedup_kv_group_s16_int8"]
-        m["e2e_decode_tok_s"] = {k: v["tok_s"] for k, v in results["e2e"]["runs"].items()}
+    e2e = results.get("e2e", {})
+    for key in ("speedup", *(f"speedup_{v}" for v in E2E_VARIANTS[1:])):
+        if key in e2e:
+            m[f"e2e_decode_{key}"] = e2e[key]
+    if "runs" in e2e:
+        m["e2e_decode_tok_s"] = {k: v["tok_s"] for k, v in e2e["runs"].items()}
     modes = results.get("offload", {}).get("modes", {})
     if "ds_offload_head" in modes:
         m["offload_speedup"] = modes["ds_offload_head"]["speedup_vs_full"]
@@ -239,9 +264,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("attention-op speedup over dense Triton decode")
     title = "Double Sparsity 1/16, Llama-3-8B shapes, bf16"
-    if "e2e_decode_speedup" in results:
-        title += (f"\nend to end {results['e2e_decode_speedup']:.2f}x (per head), "
-                  f"{results['e2e_decode_speedup_kv_group']:.2f}x (kv_group)")
+    e2e = [f"{results[key]:.2f}x ({label})" for key, label in (("e2e_decode_speedup", "per head"),
+                                                                ("e2e_decode_speedup_kv_group", "kv_group"))
+           if key in results]
+    if e2e:
+        title += "\nend to end " + ", ".join(e2e)
     if "offload_speedup" in results:
         title += (f"; offload vs full streaming {results['offload_speedup']:.1f}x (per head), "
                   f"{results['offload_speedup_kv_group']:.1f}x (kv_group)")
@@ -300,8 +327,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"channels": described}
     command = cli_command("bench double-sparsity-speed", args,
                           ("model", "tokenizer", "dtype", "channels", "r", "token_budget", "e2e_context",
-                           "e2e_batch", "e2e_steps", "offload_batch", "offload_max_context", "offload_steps",
-                           "parts"))
+                           "e2e_batch", "e2e_steps", "e2e_variants", "offload_batch", "offload_max_context",
+                           "offload_steps", "parts"))
     command += " --contexts " + ",".join(map(str, args.contexts)) + " --batches " + ",".join(map(str, args.batches))
     command += f" --output {shlex.quote(str(output))}"
     runners = {"attention": lambda: _attention(model_cfg, r, fraction, args),
