@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmstack.bench.results import cli_command, write_results
+from lmstack.bench.results import cli_command, save_figure, write_results
 from lmstack.errors import LmstackError
 from lmstack.models.registry import DEFAULT_MODEL
 
@@ -97,11 +97,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.device.startswith("cuda") or not torch.cuda.is_available():
         raise LmstackError("token graphs are CUDA graphs: run this benchmark with --device cuda on a machine "
                            "with a GPU")
+    from lmstack.engine.config import EngineConfig
     from lmstack.engine.llm import LLM
 
     results: dict[str, dict[str, float]] = {}
     build_s: dict[str, float] = {}
-    for mode, tokens in (("eager", 0), ("graphs", 2048)):
+    for mode, tokens in (("eager", 0), ("graphs", EngineConfig.token_graph_tokens)):
         start = time.perf_counter()
         llm = LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
@@ -147,5 +148,4 @@ def _plot(results: dict[str, dict[str, float]], path: Path, model: str) -> None:
     ax.set_title(f"prefill and mixed steps, {model[:60]}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -79,7 +79,7 @@ import json
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -97,6 +97,15 @@ from lmstack.engine.spec.latency import (
 from lmstack.errors import LmstackError
 
 PROFILE_VERSION = 4
+
+
+class _Ahead(NamedTuple):
+    """A k chosen ahead (`SmartSpec.plan_ahead`) for the step numbered `step`, from the decodes `ids`."""
+
+    ids: frozenset[int]
+    k: int
+    step: int
+    chosen_at: int  # `steps` when it was chosen (a k passed on keeps its first choice's)
 
 
 def _compact(x: float) -> float | int:
@@ -213,10 +222,10 @@ class SmartSpec(Controller):
         self.reuse_share = reuse_share
         self._choose_s = self._step_s = 0.0
         self._plan_s = 0.0  # host time of this step's `plan`, left out of its measured time (`observe_step`)
-        # `plan_ahead`: (decode ids, k, `steps` of the step it is for, `steps` when chosen); `_taken`: (k, `steps`
-        # when chosen) of the choice made ahead that this step took, which `plan_ahead` may pass on.
-        self._ahead: tuple[frozenset[int], int, int, int] | None = None
-        self._taken: tuple[int, int] | None = None
+        # `_ahead`: the next step's k chosen by `plan_ahead`; `_taken`: the one this step took, which
+        # `plan_ahead` may pass on.
+        self._ahead: _Ahead | None = None
+        self._taken: _Ahead | None = None
         self.ahead_share = ahead_share  # share of a step's decodes that may differ from those chosen ahead for
         self.sources = {"ahead": 0, "reused": 0, "chosen": 0}  # how each fitted step's plan was made
         # Refits come after `refit_every` new steps, then twice as many each time up to `max_refit_every` (a
@@ -407,12 +416,12 @@ class SmartSpec(Controller):
             self._cycle += 1
             return [min(self._cycle % (self.max_k + 1), c) for c in shape.caps]
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[2] == self.steps and (not shape.mixed or ahead[1] == self.max_k):
+        if ahead is not None and ahead.step == self.steps and (not shape.mixed or ahead.k == self.max_k):
             ids = set(map(id, shape.keys))
-            if len(ids ^ ahead[0]) <= self.ahead_share * len(ids):
+            if len(ids ^ ahead.ids) <= self.ahead_share * len(ids):
                 self.sources["ahead"] += 1
-                self._taken = ahead[1], ahead[3]
-                return self._reuse(ahead[1], shape)
+                self._taken = ahead
+                return self._reuse(ahead.k, shape)
         make_up = self._make_up(shape)
         reused = self._plans.get(make_up) if make_up is not None else None
         if reused is not None and self.steps - reused[1] < self.replan_every:
@@ -448,12 +457,13 @@ class SmartSpec(Controller):
         if self.coef is None or not shape.caps or not self._reusable(shape):
             return
         ids = frozenset(map(id, shape.keys))
-        if self._taken is not None and self.steps - self._taken[1] < self.replan_every:
-            self._ahead = (ids, self._taken[0], self.steps + 1, self._taken[1])
+        taken = self._taken
+        if taken is not None and self.steps - taken.chosen_at < self.replan_every:
+            self._ahead = _Ahead(ids, taken.k, self.steps + 1, taken.chosen_at)
             return
         k = max(self._choose(shape)[0])
         if k > 0:
-            self._ahead = (ids, k, self.steps + 1, self.steps)
+            self._ahead = _Ahead(ids, k, self.steps + 1, self.steps)
 
     def _choose(self, shape: StepShape) -> tuple[list[int], float]:
         """Per-request lengths of the best option (`options`) and the goodput of plain decoding; the choice is
