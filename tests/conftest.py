@@ -19,6 +19,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def dummy_model(config: dict, tokenizer_dir: Path, device: str = "cpu") -> tuple[torch.nn.Module, object]:
+    """Random fp32 weights of the architecture `config` describes (HF config keys), with the tiny tokenizer."""
+    import json
+
+    from lmstack.models import load
+
+    model, tok, _ = load("dummy:" + json.dumps(config), dtype=torch.float32, device=device,
+                         tokenizer=str(tokenizer_dir))
+    return model, tok
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny models gain nothing from intra-op threads, and on a busy machine waiting on them costs 10-60x."""

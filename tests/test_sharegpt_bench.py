@@ -109,11 +109,18 @@ def test_write_results_is_atomic_and_complete(tmp_path, monkeypatch):
     assert os.listdir(path.parent) == ["results.json"]
 
 
-def test_env_info_has_versions_and_device():
+def test_env_info_has_versions_and_device(monkeypatch):
+    """The code is named as it was when the benchmark started, not as edited while it ran."""
+    from lmstack.bench import results
+
     env = env_info("cpu")
     assert "cores" in env["device"]
     for key in ("torch", "transformers", "python", "git_sha"):
         assert env[key]
+    monkeypatch.setattr(results, "source_tree", lambda: "edited since")
+    monkeypatch.setattr(results, "git_sha", lambda: "edited since")
+    assert env_info("cpu")["source_tree"] == env["source_tree"] != "edited since"
+    assert env_info("cpu")["git_sha"] == env["git_sha"]
 
 
 def test_source_tree_names_the_code_on_disk_without_writing_to_the_repository(tmp_path, monkeypatch):

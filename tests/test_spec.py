@@ -396,6 +396,24 @@ def test_smartspec_speculates_when_it_pays() -> None:
     assert ctl.goodput(_shape(4), k) > 2 * ctl.goodput(_shape(4), 0)
 
 
+def test_a_prefilling_step_weighs_proposals_against_decoding_alone() -> None:
+    """A step that prefills 300 tokens beside two decodes: proposing 5 raises its own goodput (the prefill
+    dilutes any cost), but where each token of the step costs 10 ms and each draft forward 50 ms, decoding alone
+    emits faster than the proposals do, so the step proposes nothing; where both are cheap it proposes."""
+    def mixed() -> StepShape:
+        alone = StepShape(batched_tokens=2, kv_tokens=600, num_other_samples=0, keys=[0, 1], caps=[5, 5])
+        return StepShape(batched_tokens=302, kv_tokens=902, num_other_samples=1, keys=[0, 1], caps=[5, 5],
+                         num_chunks=3, mixed=True, alone=alone)
+
+    ctl = _planted(np.array([0.05, 0.01, 0.0, 0.05]))
+    _set_acceptance(ctl, 0.8, 2)
+    assert ctl.goodput(mixed(), 5) > 2 * ctl.goodput(mixed(), 0)
+    assert ctl.choose(mixed().alone) == 0 and ctl.choose(mixed()) == 0
+    ctl = _planted(np.array([0.05, 0.0005, 0.0, 0.001]))
+    _set_acceptance(ctl, 0.8, 2)
+    assert ctl.choose(mixed().alone) == 5 and ctl.choose(mixed()) == 5
+
+
 def test_smartspec_explores_only_where_speculation_could_pay() -> None:
     """Plain steps at 2 ms, speculative ones at 30 ms (a CUDA graph vs eager): not even perfect acceptance
     pays, so k = 0 is chosen every step, with no exploring step; where it could pay, one step in
@@ -520,6 +538,29 @@ def test_steps_without_proposals_are_plain_steps(target, reference, monkeypatch)
     assert done == reference
     assert len(plain) == engine.stats["steps"] and engine.spec.controller.chosen == {0: len(plain)}
     assert engine.blocks.num_used == 0
+
+
+def test_plain_steps_profile_as_the_decoder_profiles_its_k0_steps(target, reference) -> None:
+    """The same requests run without speculation (steps kept raw by the engine) and with k = 0 (each step featured
+    by the decoder): the same k = 0 samples, feature for feature; the profile warm-starts a controller."""
+    from lmstack.engine.spec.decoder import plain_profile
+
+    engine = _engine(target, spec_k=0)
+    assert _finish(engine, PROMPTS) == reference
+    decoder_profile = engine.spec.controller.profile()
+    decoder_rows = [row[:-1] for row in decoder_profile["samples"]]
+    engine.set_spec_k(None)
+    engine.plain_steps = []
+    assert _finish(engine, PROMPTS) == reference
+    profile = plain_profile(engine.plain_steps, engine.runner.use_graphs)
+    rows = profile["samples"]
+    assert len(rows) == len(engine.plain_steps) == len(decoder_rows) and all(r[-1] > 0 for r in rows)
+    assert sorted(r[:-1] for r in rows) == sorted(decoder_rows) and json.dumps(rows[0][:-1]) == json.dumps(
+        next(r for r in decoder_rows if r == rows[0][:-1]))  # written alike
+    assert {r[0] for r in rows} == {0} and max(r[1] for r in rows) == len(PROMPTS)
+    smart = SmartSpec(5, False)
+    smart.load_profile(merge_profiles([profile, decoder_profile]))
+    assert len(smart.samples) >= 1 and profile["tested_tokens"] == 0
 
 
 def test_free_proposals_are_looked_up_before_choosing(target, reference, monkeypatch) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
+from conftest import dummy_model
 from lmstack.engine.config import EngineConfig
 from lmstack.engine.llm_engine import LLMEngine
 from lmstack.engine.runner import ModelRunner
@@ -15,7 +15,6 @@ from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.scheduler import ScheduledChunk, SchedulerOutput
 from lmstack.engine.sequence import Sequence
 from lmstack.engine.spec.latency import FEATURES
-from lmstack.models import load
 
 pytestmark = pytest.mark.gpu
 
@@ -25,8 +24,7 @@ CONFIG = dict(model_type="qwen2", vocab_size=512, hidden_size=256, intermediate_
 
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer_dir):
-    m, tok, _ = load("dummy:" + json.dumps(CONFIG), dtype=torch.float32, device="cuda",
-                     tokenizer=str(tiny_tokenizer_dir))
+    m, tok = dummy_model(CONFIG, tiny_tokenizer_dir, "cuda")
     with torch.no_grad():
         for name, p in m.named_parameters():
             if not name.endswith("norm.weight"):
@@ -84,6 +82,7 @@ def test_chunk_graph_logits_match_the_eager_forward(model) -> None:
             v.fill_(POISON)
         timings: dict[str, float] = {}
         ref = _run_step(eager, requests)
+        assert not eager.last_graphed  # use_graphs = False turns off every kind of graph
         out = _run_step(graphs, requests, timings)
         assert timings["graph_steps"] == 1 and set(graphs.chunk_graphs) == {
             (b, q) for b in (1, 2, 4, 8, 16) for q in range(2, 7)}

@@ -99,3 +99,22 @@ def test_after_a_stretch_without_speculation_a_lag_is_charged_in_full() -> None:
     assert ctl.choose(shape) > 0
     ctl.speculating = 0.05
     assert ctl.choose(shape) == 0
+
+
+def test_a_catch_up_is_charged_in_full_where_the_decodes_would_not_speculate() -> None:
+    """A step prefilling 300 tokens beside one decode whose draft lags 300 tokens. The step already left the
+    decode path, so proposals cost it little (a caught-up draft proposes 5). Alone, the decode would not
+    speculate (leaving the decode path costs 0.1 s), so speculation would not go on after this step, and the
+    catch-up is charged to it in full: it proposes nothing."""
+    ctl = _planted(np.array([0.05, 0.001, 0.0, 0.01, 0.0005, 0.1]))
+    _set_acceptance(ctl, 0.8, 1)
+
+    def step(lag: int) -> StepShape:
+        alone = StepShape(batched_tokens=1, kv_tokens=300, num_other_samples=0, keys=[0], caps=[5], lags=[lag],
+                          remaining=[40])
+        return StepShape(batched_tokens=301, kv_tokens=601, num_other_samples=1, keys=[0], caps=[5], num_chunks=2,
+                         mixed=True, lags=[lag], remaining=[40], alone=alone)
+
+    assert ctl.choose(step(0).alone) == 0
+    assert ctl.choose(step(0)) == 5
+    assert ctl.choose(step(300)) == 0

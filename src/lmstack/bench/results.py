@@ -63,6 +63,11 @@ def source_tree() -> str | None:
         return _git("write-tree", "--prefix=src/", env=env)
 
 
+# The code's identity when this module was first imported (a benchmark imports it as it starts): a run that
+# takes an hour must not name the tree as edited while it ran (one such CPU run recorded a later tree).
+_AT_START = {"git_sha": git_sha(), "source_tree": source_tree()}
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -96,8 +101,7 @@ def env_info(device: str | torch.device | None = None) -> dict[str, Any]:
         "transformers": _version("transformers"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_sha": git_sha(),
-        "source_tree": source_tree(),
+        **_AT_START,
     }
 
 

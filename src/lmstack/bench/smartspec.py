@@ -24,10 +24,11 @@ Each run also splits its mean step into the engine's phases (ms per step): sched
 or the draft's forwards, and choosing k), forward, sample (verification) and postprocess. On a GPU the forward is
 only queued: its device time shows up in the phase that first waits for it (sampling or verification).
 
-SmartSpec at each rate is warm-started from a profile of the runs before it (the fixed-k runs' step times and
-acceptance), as the paper profiles the batch latency offline, and keeps refitting as it runs. The pooled
-profile is written beside the results for `lmstack serve --spec-profile`. Finished runs are appended to a JSONL
-log next to the results, so an interrupted benchmark resumes where it stopped.
+SmartSpec at each rate is warm-started from a profile of the runs before it (the step times of the no-speculation
+and fixed-k runs, the fixed-k runs' acceptance), as the paper profiles the batch latency offline, and keeps
+refitting as it runs. The pooled profile is written beside the results for `lmstack serve --spec-profile`.
+Finished runs are appended to a JSONL log next to the results, so an interrupted benchmark resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -308,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the sweep described by `args`; write results JSON, plot and profile; return the metrics."""
     from lmstack import LLM, SamplingParams
     from lmstack.engine.spec.controller import SmartSpec, merge_profiles, read_profile, save_profile
+    from lmstack.engine.spec.decoder import plain_profile
 
     policies = _check(args)
     if args.threads is not None:
@@ -355,6 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 engine.set_spec_k(spec_k)
                 if spec_k == "smart" and profiles:
                     engine.spec.controller.load_profile(merge_profiles(profiles))
+                engine.plain_steps = [] if engine.spec is None else None
                 metrics = replay(engine, prompts, offsets, params, f"r{i}.{rep}-{name}")
                 record: dict[str, Any] = {"config": config, "rate": rate, "policy": name, "repeat": rep,
                                           "metrics": metrics}
@@ -367,7 +370,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if isinstance(ctl, SmartSpec):
                         metrics["plans_by_source"] = dict(ctl.sources)
                     record["profile"] = ctl.profile()
-                    profiles.append(record["profile"])
+                else:  # plain decoding's step times, which SmartSpec weighs every k against
+                    record["profile"] = plain_profile(engine.plain_steps, engine.runner.use_graphs)
+                    engine.plain_steps = None
+                profiles.append(record["profile"])
                 ref = done.get((rate, "nospec", rep))
                 if ref is not None and name != "nospec":
                     metrics["requests_differing_from_nospec"] = sum(

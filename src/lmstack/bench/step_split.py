@@ -15,6 +15,7 @@ import torch
 
 from lmstack.engine.llm_engine import LLMEngine
 from lmstack.engine.sampling_params import SamplingParams
+from lmstack.errors import LmstackError
 
 _PHASES = ("schedule_s", "forward_s", "sample_s", "postprocess_s")
 
@@ -34,6 +35,14 @@ def measure_step_split(
     """Per-step milliseconds for `batch` sequences decoding at context ≈ prompt_len; leaves the engine empty."""
     if engine.has_unfinished:
         raise RuntimeError("measure_step_split needs an idle engine")
+    need = batch * -(-engine.max_model_len // engine.config.block_size)
+    if need > engine.blocks.num_blocks - 1:
+        # Short of room the scheduler preempts the last prompts over and over while the first ones decode to
+        # the end of the window: the batch never decodes together.
+        raise LmstackError(
+            f"{batch} sequences of up to {engine.max_model_len} tokens need {need} KV blocks but the cache has "
+            f"{engine.blocks.num_blocks - 1}: lower the batch or the context, or give the cache more memory "
+            "(EngineConfig.kv_cache_memory / gpu_memory_utilization)")
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.model_config.vocab_size
     # All the room the context window leaves: with chunked prefill the first sequences decode while the

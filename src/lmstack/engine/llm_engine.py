@@ -18,7 +18,7 @@ from lmstack.engine.outputs import CompletionOutput, RequestOutput
 from lmstack.engine.policies import make_policy
 from lmstack.engine.runner import ModelRunner
 from lmstack.engine.sampling_params import SamplingParams
-from lmstack.engine.scheduler import Scheduler
+from lmstack.engine.scheduler import Scheduler, SchedulerOutput
 from lmstack.engine.sequence import Sequence
 from lmstack.engine.spec.decoder import SpecDecoder
 from lmstack.errors import LmstackError, RequestError
@@ -73,6 +73,9 @@ class LLMEngine:
         self._seq_no = itertools.count()
         self.stats: dict[str, float] = {"steps": 0, "schedule_s": 0.0, "forward_s": 0.0, "sample_s": 0.0,
                                         "postprocess_s": 0.0, "graph_steps": 0}
+        # When a list, each step run without speculation appends (schedule, seconds, graph replayed): what plain
+        # decoding costs, for a SmartSpec profile (`spec.decoder.plain_profile`). Kept raw: a step pays an append.
+        self.plain_steps: list[tuple[SchedulerOutput, float, bool]] | None = None
         if self.config.freeze_gc:
             freeze_gc()
 
@@ -172,6 +175,8 @@ class LLMEngine:
         self.stats["postprocess_s"] += time.perf_counter() - t2
         if self.spec is not None:
             self.spec.observe(time.perf_counter() - t0)
+        elif self.plain_steps is not None:
+            self.plain_steps.append((sched, time.perf_counter() - t0, self.runner.last_graphed))
         return outputs
 
     def _append(self, seq: Sequence, token: int, lp: Any, now: float) -> None:

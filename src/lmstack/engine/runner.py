@@ -103,7 +103,10 @@ class ModelRunner:
         self.last_chunk_graph: tuple[int, int] | None = None  # (batch bucket, chunk length) the last forward replayed
         self.last_graphed = False  # whether the last forward replayed a graph (decode, chunk or token)
         self.chunk_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.max_graph_bs = max(b for b in GRAPH_BATCH_SIZES if b <= cfg.max_num_seqs) if self.use_graphs else 0
+        # The bucket that holds a full batch: rounding down would leave batches between the largest bucket below
+        # max_num_seqs and max_num_seqs (9-12 of 12) to run eagerly.
+        self.max_graph_bs = (next((b for b in GRAPH_BATCH_SIZES if b >= cfg.max_num_seqs), GRAPH_BATCH_SIZES[-1])
+                             if self.use_graphs else 0)
         self.token_graphs: TokenGraphs | None = None
         if self.use_graphs:
             self._capture_all()
@@ -205,9 +208,9 @@ class ModelRunner:
         """The step's forward; logits [R, V] of the rows that sample, in chunk order (1 + len(spec_tokens) per
         sampling chunk), or None when no chunk samples. Decode steps replay a CUDA graph when one is captured."""
         decode_graph = self.use_graphs and sched.is_decode and len(sched.chunks) <= self.max_graph_bs
-        chunk_shape = None if decode_graph else self._chunk_graph_shape(sched)
+        chunk_shape = None if decode_graph or not self.use_graphs else self._chunk_graph_shape(sched)
         token_key = None
-        if not decode_graph and chunk_shape is None and self.token_graphs is not None:
+        if self.use_graphs and not decode_graph and chunk_shape is None and self.token_graphs is not None:
             token_key = self.token_graphs.key(sched)
         self.last_chunk_graph = chunk_shape
         self.last_graphed = decode_graph or chunk_shape is not None or token_key is not None

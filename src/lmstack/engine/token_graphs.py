@@ -21,7 +21,8 @@ the largest buckets (with 1.5x buckets, a 640-token prefill of Llama-3-8B shapes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -41,7 +42,9 @@ class TokenGraphs:
     """The token graphs of one runner, captured up front (largest first, into the runner's graph pool)."""
 
     def __init__(self, runner: ModelRunner, max_tokens: int) -> None:
-        self.runner = runner
+        # A weak reference: the runner holds this object, and a strong cycle between them would outlive `del
+        # engine` once the engine has frozen the collector (`EngineConfig.freeze_gc`), keeping its KV cache.
+        self.runner = cast("ModelRunner", weakref.proxy(runner))
         # The padding sequence may be longer than the context window (a short max_model_len): its positions
         # only need the rotary table, its block table only zeros.
         limit = min(max_tokens, runner.cfg.max_num_batched_tokens, runner.model_cfg.max_position_embeddings)

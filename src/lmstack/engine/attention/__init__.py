@@ -115,18 +115,22 @@ def _mark(device: torch.device) -> Any:
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int) -> torch.Tensor:
-    """q [L, H, Dh] at positions offset..offset+L-1 over k, v [S, Hkv, Dh] at 0..S-1 → [L, H, Dh]."""
+    """q [L, H, Dh] at positions offset..offset+L-1 over k, v [S, Hkv, Dh] at 0..S-1 → [L, H, Dh].
+
+    The inputs get a batch dimension because CUDA's flash and memory-efficient kernels take only 4-D inputs: a
+    3-D call falls back to the math kernel, which holds the [H, L, S] scores in fp32 (16 GiB for one 8K prompt
+    of a 32-head model, which is what the engine's memory probe then leaves out of the KV cache)."""
     group = q.shape[1] // k.shape[1]
-    qh = q.transpose(0, 1)  # [H, L, Dh]
-    kh = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, Dh]
-    vh = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, L, Dh]
+    kh = k.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)  # [1, H, S, Dh]
+    vh = v.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
     if offset == 0:
         out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
         L, S = q.shape[0], k.shape[0]
         mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(offset, offset + L, device=q.device)[:, None]
         out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def _no_cache_attention(

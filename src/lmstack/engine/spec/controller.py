@@ -71,10 +71,13 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   k = 0 keeps winning, a few steps still paid catch-ups and went back to k = 0 (on this CPU at 2 req/s,
   ShareGPT prompts: 5 speculative steps of 53, 1.17x the latency of no speculation). Requests with a lag may
   also sit a step out while caught-up ones propose, and an exploring step proposes only for caught-up ones.
+- A step that also prefills a prompt weighs each k by the tokens it emits beyond what its time would emit at
+  the best goodput of its decodes alone, not by its own goodput, which the prefill's time dilutes (`_choose`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence as Seq
@@ -108,7 +111,7 @@ class _Ahead(NamedTuple):
     chosen_at: int  # `steps` when it was chosen (a k passed on keeps its first choice's)
 
 
-def _compact(x: float) -> float | int:
+def compact_feature(x: float) -> float | int:
     """A feature as a profile writes it: counts as integers, the rest to 7 significant digits."""
     return int(x) if x.is_integer() else float(f"{x:.7g}")
 
@@ -178,7 +181,7 @@ class Controller:
     def profile(self) -> dict[str, Any]:
         """Everything a later run needs to start from this one's measurements (see `merge_profiles`)."""
         a = self.acceptance
-        rows = [[k, n, *map(_compact, f.tolist()), round(t, 7)] for (k, _), q in sorted(self.samples.items())
+        rows = [[k, n, *map(compact_feature, f.tolist()), round(t, 7)] for (k, _), q in sorted(self.samples.items())
                 for n, f, t in q.rows()]
         return {"version": PROFILE_VERSION, "features": list(FEATURES), "acceptance": a.rate,
                 "accepted_tokens": a.total_accepted, "tested_tokens": a.total_tested,
@@ -364,16 +367,25 @@ class SmartSpec(Controller):
         """Draft tokens charged to each row of per-request lengths [N, B] for the requests' lags (module
         docstring): up to one token per proposing request in full, the rest in the share of the request's
         remaining output that it is expected to emit this step, of the output it will emit while speculation
-        goes on (the recent share of speculating steps). None when nothing lags."""
+        goes on (the recent share of speculating steps). None when nothing lags.
+
+        Speculation goes on only if the batch's decodes, caught up and alone, would speculate: where they would
+        not, a catch-up buys one step of proposals and is charged in full. (The recent share starts at 1, so
+        before this check the first steps of a run spread each new prompt's catch-up over its output even where
+        no k paid: on a 2-core CPU, k = 1 in 2 of 51 steps at 0.4 req/s made the draft read whole prompts, 4.5 s
+        of draft time in all.)"""
         if not self.draft_forwards or not shape.lags or not any(shape.lags):
             return None
         lags = np.asarray(shape.lags, dtype=np.float64)
         steady, once = np.minimum(lags, 1.0), np.maximum(lags - 1.0, 0.0)
         emitted = expected[np.arange(lengths.shape[1])[None, :], lengths]  # [N, B]
         share = 1.0
-        if shape.remaining is not None:
-            ahead = np.asarray(shape.remaining, dtype=np.float64) * self.speculating
-            share = np.minimum(1.0, emitted / np.maximum(ahead, 1.0))
+        if shape.remaining is not None and once.any():
+            caught_up = dataclasses.replace(shape.alone or shape, lags=[min(lag, 1) for lag in shape.lags])
+            every_k = np.minimum(np.arange(self.max_k + 1)[:, None], np.asarray(shape.caps)[None, :])
+            if (rates := self._goodputs(caught_up, every_k, expected))[1:].max() > rates[0]:
+                ahead = np.asarray(shape.remaining, dtype=np.float64) * self.speculating
+                share = np.minimum(1.0, emitted / np.maximum(ahead, 1.0))
         return np.where(lengths > 0, steady + once * share, 0.0).sum(axis=1)
 
     @staticmethod
@@ -467,10 +479,26 @@ class SmartSpec(Controller):
 
     def _choose(self, shape: StepShape) -> tuple[list[int], float]:
         """Per-request lengths of the best option (`options`) and the goodput of plain decoding; the choice is
-        timed for `_reusable`."""
+        timed for `_reusable`.
+
+        A step that also prefills is slow whatever k is, so its goodput (tokens ÷ its whole time) rises with
+        any proposal that costs less than the prefill's average time per token, however dear it is next to
+        decoding: on a 2-core CPU (draft 0.5B, target 1.5B) the five steps that proposed in one trace were all
+        k = 5 in steps that prefilled a ShareGPT prompt (3.0-13.3 s each, the draft reading whole prompts), where
+        plain decoding emitted a request's token every 0.22 s, and the trace took 1.26x the latency of no
+        speculation. There the
+        options are weighed by what they emit beyond what their time would emit at the best rate of the
+        decodes alone (`StepShape.alone`): tokens − rate × seconds, so a proposal pays only if it emits faster
+        than decoding would."""
         start = time.perf_counter()
-        scores, lengths = self.options(shape, self.acceptance.survivals(shape.keys))
-        chosen = lengths[int(np.argmax(scores))].tolist()
+        survivals = self.acceptance.survivals(shape.keys)
+        scores, lengths = self.options(shape, survivals)
+        values = scores
+        if shape.alone is not None:
+            rate = float(self.options(shape.alone, survivals)[0].max())
+            tokens = self._tokens(shape, lengths, _expected_table(survivals))
+            values = tokens - rate * tokens / scores
+        chosen = lengths[int(np.argmax(values))].tolist()
         self._choose_s = _moving_average(self._choose_s, time.perf_counter() - start)
         return chosen, float(scores[0])
 

@@ -44,6 +44,7 @@ class StepShape:
     graph_batch: int = 0
     graph_len: int = 0
     graphs: bool = False
+    alone: StepShape | None = None  # a mixed step's decodes as a pure step of their own
 
     def __post_init__(self) -> None:
         if self.num_chunks is None:
