@@ -217,8 +217,12 @@ class SmartSpec(Controller):
 
     def __init__(self, max_k: int, draft_forwards: bool, refit_every: int = 16, max_refit_every: int = 256,
                  explore_every: int = 64, min_samples: int = 2, min_k_samples: int = 8, window: int = 32,
-                 replan_every: int = 16, reuse_share: float = 0.01, ahead_share: float = 0.125) -> None:
+                 replan_every: int = 16, reuse_share: float = 0.01, ahead_share: float = 0.125,
+                 catch_up_margin: float = 0.1) -> None:
         super().__init__(max_k, draft_forwards, window)
+        # How much the caught-up decodes' best k must beat plain decoding by for a catch-up to be spread over the
+        # output (`_catch_up`): about the latency model's error, so a gain within it buys no catch-up.
+        self.catch_up_margin = catch_up_margin
         self.replan_every = replan_every  # steps a decision is reused for (module docstring); 1: choose every step
         self._plans: dict[tuple[Any, ...], tuple[int, int]] = {}  # step make-up -> (k, `steps` when chosen)
         # Decisions are reused only while choosing costs more than `reuse_share` of a step (moving averages).
@@ -369,11 +373,12 @@ class SmartSpec(Controller):
         remaining output that it is expected to emit this step, of the output it will emit while speculation
         goes on (the recent share of speculating steps). None when nothing lags.
 
-        Speculation goes on only if the batch's decodes, caught up and alone, would speculate: where they would
-        not, a catch-up buys one step of proposals and is charged in full. (The recent share starts at 1, so
-        before this check the first steps of a run spread each new prompt's catch-up over its output even where
-        no k paid: on a 2-core CPU, k = 1 in 2 of 51 steps at 0.4 req/s made the draft read whole prompts, 4.5 s
-        of draft time in all.)"""
+        Speculation goes on only if the batch's decodes, caught up and alone, would speculate, by more than
+        `catch_up_margin`: otherwise a catch-up buys one step of proposals and is charged in full. (The recent
+        share starts at 1, so before this check the first steps of a run spread each new prompt's catch-up over
+        its output even where no k paid: on a 2-core CPU, k = 1 in 2 of 51 steps at 0.4 req/s made the draft
+        read whole prompts, 4.5 s of draft time in all. With the check but no margin, one k = 1 step still did,
+        4.4 s, where steady k = 1 at 5 decodes beat plain decoding by ~4%, within the model's error.)"""
         if not self.draft_forwards or not shape.lags or not any(shape.lags):
             return None
         lags = np.asarray(shape.lags, dtype=np.float64)
@@ -383,7 +388,8 @@ class SmartSpec(Controller):
         if shape.remaining is not None and once.any():
             caught_up = dataclasses.replace(shape.alone or shape, lags=[min(lag, 1) for lag in shape.lags])
             every_k = np.minimum(np.arange(self.max_k + 1)[:, None], np.asarray(shape.caps)[None, :])
-            if (rates := self._goodputs(caught_up, every_k, expected))[1:].max() > rates[0]:
+            rates = self._goodputs(caught_up, every_k, expected)
+            if rates[1:].max() > rates[0] * (1 + self.catch_up_margin):
                 ahead = np.asarray(shape.remaining, dtype=np.float64) * self.speculating
                 share = np.minimum(1.0, emitted / np.maximum(ahead, 1.0))
         return np.where(lengths > 0, steady + once * share, 0.0).sum(axis=1)
