@@ -492,10 +492,9 @@ class SmartSpec(Controller):
         decoding: on a 2-core CPU (draft 0.5B, target 1.5B) the five steps that proposed in one trace were all
         k = 5 in steps that prefilled a ShareGPT prompt (3.0-13.3 s each, the draft reading whole prompts), where
         plain decoding emitted a request's token every 0.22 s, and the trace took 1.26x the latency of no
-        speculation. There the
-        options are weighed by what they emit beyond what their time would emit at the best rate of the
-        decodes alone (`StepShape.alone`): tokens − rate × seconds, so a proposal pays only if it emits faster
-        than decoding would."""
+        speculation. There the options are weighed by what they emit beyond what their time would emit at the
+        best rate of the decodes alone (`StepShape.alone`): tokens − rate × seconds, so a proposal pays only if
+        it emits faster than decoding would."""
         start = time.perf_counter()
         survivals = self.acceptance.survivals(shape.keys)
         scores, lengths = self.options(shape, survivals)
