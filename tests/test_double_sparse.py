@@ -261,7 +261,7 @@ def test_engine_int8_labels_decode_sparsely_and_dense_layers_stay_dense(tiny_tok
     ({"channels": "first", "score_bits": 8}, "score_bits must be 32 or 16"),
     ({"channels": "first", "sink_tokens": -1}, "sink_tokens must be an integer >= 0"),
     ({"channels": "first", "local_tokens": 2.5}, "local_tokens must be an integer >= 0"),
-    ({"channels": "first", "topk": "heap"}, "topk must be torch or radix"),
+    ({"channels": "first", "topk": "heap"}, "topk must be torch, radix or filter"),
     ({"channels": "first", "dense_layers": [7]}, "do not exist"),
     ({"channels": "first", "top_k": 3}, "unknown double_sparse option"),
     ({}, "needs channels"),

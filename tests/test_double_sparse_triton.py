@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 
 from lmstack.engine.attention import double_sparse_ref as ref  # noqa: E402
 from lmstack.engine.attention import double_sparse_triton as tri  # noqa: E402
+from lmstack.engine.attention import filter_topk  # noqa: E402
 from lmstack.engine.attention.torch_ref import paged_attention_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,8 +124,9 @@ def test_topk_selects_the_reference_set(k: int) -> None:
         assert (got[b] < s).all()
 
 
-def check_radix(seq_lens: list[int], heads: int, k: int, dtype: torch.dtype, seed: int, ties: bool = False) -> None:
-    """`ds_topk(method="radix")` keeps the same multiset of scores as torch.topk, at distinct valid positions."""
+def check_topk(method: str, seq_lens: list[int], heads: int, k: int, dtype: torch.dtype, seed: int,
+               ties: bool = False) -> None:
+    """`ds_topk(method=...)` keeps the same multiset of scores as torch.topk, at distinct valid positions."""
     gen = torch.Generator().manual_seed(seed)
     shape = (len(seq_lens), heads, max(seq_lens))
     raw = torch.randint(-6, 6, shape, generator=gen).float() if ties else torch.randn(shape, generator=gen) * 50
@@ -132,7 +134,7 @@ def check_radix(seq_lens: list[int], heads: int, k: int, dtype: torch.dtype, see
     lens = lens_tensor(seq_lens)
     past_end = torch.arange(shape[-1], device=DEVICE).expand_as(scores) >= lens.view(-1, 1, 1)
     scores[past_end] = float("nan")  # never read: a kernel that looks past seq_len picks NaN, the largest key
-    got = tri.ds_topk(scores, lens, k, method="radix")
+    got = tri.ds_topk(scores, lens, k, method=method)
     want = ref.ds_topk(scores.masked_fill(past_end, float("-inf")), lens, k)
     assert got.shape == (*shape[:2], k) and got.dtype == torch.int32
     for b, s in enumerate(seq_lens):
@@ -147,11 +149,34 @@ def check_radix(seq_lens: list[int], heads: int, k: int, dtype: torch.dtype, see
             assert torch.equal(chosen, scores[b, h, want[b, h].long()].float().sort().values)
 
 
+@pytest.mark.parametrize("method", ["radix", "filter"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_radix_topk_matches_torch_topk(dtype: torch.dtype) -> None:
+def test_triton_topk_matches_torch_topk(method: str, dtype: torch.dtype) -> None:
     # Rows over one 4,096-score tile and under it, just over k, at k and under k; float and integer (tied) scores.
-    check_radix([5000, 4097, 130, 129, 128, 40], 2, 128, dtype, seed=0)
-    check_radix([9000, 300], 3, 100, dtype, seed=1, ties=True)
+    # With ties the filter's candidates overflow its capacity: whichever it ranks, the kept scores are the same.
+    check_topk(method, [5000, 4097, 130, 129, 128, 40], 2, 128, dtype, seed=0)
+    check_topk(method, [9000, 300], 3, 100, dtype, seed=1, ties=True)
+
+
+def test_filter_topk_counts_its_candidates_and_degrades_to_the_best_it_found(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(4)
+    scores = (torch.randn(2, 3, 20000, generator=gen) * 10).to(DEVICE)
+    lens = lens_tensor([20000, 9000])
+    k = 500
+    idx, counts = filter_topk.filter_topk(scores, lens, k, counts=True)
+    assert ((counts >= k) & (counts <= filter_topk.filter_capacity(k, 20000))).all()  # the exact case
+    assert (filter_topk.filter_topk(scores, lens, 20, counts=True)[1] == -1).all()  # too few to sample: torch.topk
+    monkeypatch.setattr(filter_topk, "OVERSELECT", 0.5)  # a pivot that lets through about k / 2 candidates
+    monkeypatch.setattr(filter_topk, "SAMPLES_ABOVE", 100)  # still sampled, not handed to torch.topk
+    idx, counts = filter_topk.filter_topk(scores, lens, k, counts=True)
+    assert (counts < k).all()
+    for b, s in enumerate((20000, 9000)):
+        for h in range(3):
+            n = int(counts[b, h])
+            pos = idx[b, h]
+            assert ((pos >= 0) | (pos == -1)).all() and int((pos >= 0).sum()) == n  # the rest is padding
+            kept = scores[b, h, pos[pos >= 0].long()]
+            assert torch.equal(kept.sort(descending=True).values, scores[b, h, :s].topk(n).values)
 
 
 def test_radix_topk_rejects_what_it_cannot_rank() -> None:
@@ -238,7 +263,9 @@ def test_rejects_mismatched_inputs() -> None:
 def test_llama8b_shapes_bf16(shared: bool) -> None:
     check_sparse([4096, 1000, 8192, 17], 32, 8, 128, 16, 512, torch.bfloat16, shared, seed=int(shared))
     for dtype in (torch.float32, torch.bfloat16):
-        check_radix([131072, 70000, 8192, 4096], 8 if shared else 32, 8192 if shared else 512, dtype, seed=5)
+        for method in ("radix", "filter"):
+            check_topk(method, [131072, 70000, 8192, 4096], 8 if shared else 32, 8192 if shared else 512, dtype,
+                       seed=5)
     gen = torch.Generator().manual_seed(3)
     seq_lens = [8192, 3000, 5]
     (labels,), tables = paged_caches(seq_lens, 16, 8, [8], torch.bfloat16, gen)

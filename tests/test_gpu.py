@@ -66,7 +66,8 @@ def test_triton_and_graphs_match_reference(dtype: torch.dtype, tiny_tokenizer_di
         assert _max_gap(fast, truth) <= 2 * _max_gap(ref, truth) + 0.02
 
 
-@pytest.mark.parametrize(("selection", "topk"), [("head", "torch"), ("kv_group", "torch"), ("kv_group", "radix")])
+@pytest.mark.parametrize(("selection", "topk"),
+                         [("head", "torch"), ("kv_group", "torch"), ("kv_group", "radix"), ("kv_group", "filter")])
 def test_double_sparse_decode_graphs(selection: str, topk: str, tiny_tokenizer_dir) -> None:
     """Double Sparsity decode replayed from lazily captured graphs: with every token and every channel it is
     dense attention; with a real budget it is what the eager backend computes for the graph's bucket."""

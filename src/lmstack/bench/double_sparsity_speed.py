@@ -32,7 +32,7 @@ DEFAULT_OUTPUT = Path("benchmarks/results/double_sparsity_speed.json")
 PARTS = ("attention", "e2e", "offload")
 # End-to-end Double Sparsity variants (NOTES), each run against the dense backend; its run is named
 # double_sparse_<variant> ("double_sparse" for head) and its ratio speedup_<variant> ("speedup" for head).
-E2E_VARIANTS = ("head", "kv_group", "kv_group_s16", "kv_group_s16_radix", "kv_group_s16_int8")
+E2E_VARIANTS = ("head", "kv_group", "kv_group_s16", "kv_group_s16_radix", "kv_group_s16_filter", "kv_group_s16_int8")
 
 
 NOTES = [
@@ -41,6 +41,8 @@ NOTES = [
     "gather, label scoring, top-k (torch.topk, sorted=False) and the sparse attention",
     "s16: kv_group with the approximate scores stored in bf16 (score_bits=16), which halves the top-k's bytes",
     "radix: s16 with the top-k by radix_topk (histogram passes + a compaction in Triton) instead of torch.topk",
+    "filter: s16 with the top-k by filter_topk (a sampled pivot filters each row to ~1.5k candidates, which "
+    "torch.topk ranks) instead of torch.topk over the whole row",
     "int8 (e2e only): s16 with int8 labels of twice the channels (2r, label_bits=8): the label bytes of r "
     "16-bit channels, the configuration whose perplexity the quality benchmark reports as ds_1_16_bytes_int8",
     "per head: one top-k list per query head (the double_sparse backend); kv_group: one list per KV head "
@@ -159,6 +161,7 @@ def _e2e(model: Any, tokenizer: Any, r: int, args: argparse.Namespace) -> dict[s
     kv_group = {**ds_options, "selection": "kv_group"}
     options_by_variant = {"head": ds_options, "kv_group": kv_group, "kv_group_s16": {**kv_group, "score_bits": 16},
                           "kv_group_s16_radix": {**kv_group, "score_bits": 16, "topk": "radix"},
+                          "kv_group_s16_filter": {**kv_group, "score_bits": 16, "topk": "filter"},
                           "kv_group_s16_int8": {**kv_group, "score_bits": 16, "label_bits": 8, "r": 2 * r}}
     backends = [("dense", "triton", {})] + [(_run_name(v), "double_sparse", options_by_variant[v])
                                            for v in _e2e_variants(args.e2e_variants)]
@@ -226,6 +229,7 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
         m["attn_speedup_1_16_max_kv_group"] = max(r["speedup_kv_group"] for r in rows)
         m["attn_speedup_1_16_max_kv_group_s16"] = max(r["speedup_kv_group_s16"] for r in rows)
         m["attn_speedup_1_16_max_kv_group_s16_radix"] = max(r["speedup_kv_group_s16_radix"] for r in rows)
+        m["attn_speedup_1_16_max_kv_group_s16_filter"] = max(r["speedup_kv_group_s16_filter"] for r in rows)
         best = max(rows, key=lambda r: r["speedup_head"])
         m["attn_speedup_1_16_max_at"] = {"batch": best["batch"], "context": best["context"]}
     e2e = results.get("e2e", {})
@@ -283,15 +287,16 @@ def print_table(m: dict[str, Any]) -> None:
     rows = [r for r in m.get("attention", {}).get("rows", []) if "dense_us" in r]
     if rows:
         print(f"{'ctx':>7} {'B':>3} {'dense us':>9} {'DS head':>9} {'x':>6} {'DS kvg':>9} {'x':>6} {'s16 x':>6} "
-              f"{'radix x':>7} {'scores':>8} {'topk':>8} {'sparse':>8} {'kvg:sc':>8} {'topk':>8} {'radix':>8} "
-              f"{'sparse':>8}")
+              f"{'radix x':>7} {'filt x':>7} {'scores':>8} {'topk':>8} {'sparse':>8} {'kvg:sc':>8} {'topk':>8} "
+              f"{'radix':>8} {'filter':>8} {'sparse':>8}")
         for r in rows:
             print(f"{r['context']:>7} {r['batch']:>3} {r['dense_us']:>9.1f} {r['ds_head_us']:>9.1f} "
                   f"{r['speedup_head']:>6.2f} {r['ds_kv_group_us']:>9.1f} {r['speedup_kv_group']:>6.2f} "
                   f"{r['speedup_kv_group_s16']:>6.2f} {r['speedup_kv_group_s16_radix']:>7.2f} "
+                  f"{r['speedup_kv_group_s16_filter']:>7.2f} "
                   f"{r['stage_scores_us']:>8.1f} {r['stage_topk_us']:>8.1f} {r['stage_sparse_us']:>8.1f} "
                   f"{r['stage_scores_kv_group_us']:>8.1f} {r['stage_topk_kv_group_us']:>8.1f} "
-                  f"{r['stage_topk_radix_kv_group_us']:>8.1f} "
+                  f"{r['stage_topk_radix_kv_group_us']:>8.1f} {r['stage_topk_filter_kv_group_us']:>8.1f} "
                   f"{r['stage_sparse_kv_group_us']:>8.1f}")
     e2e = m.get("e2e", {})
     for name, run in e2e.get("runs", {}).items():
@@ -307,8 +312,9 @@ def print_table(m: dict[str, Any]) -> None:
         if "error" in m.get(part, {}):
             print(f"{part}: FAILED: {m[part]['error']}")
     for key in ("attn_speedup_1_16_max", "attn_speedup_1_16_max_kv_group", "attn_speedup_1_16_max_kv_group_s16",
-                "attn_speedup_1_16_max_kv_group_s16_radix", "e2e_decode_speedup", "e2e_decode_speedup_kv_group",
-                "e2e_decode_speedup_kv_group_s16", "e2e_decode_speedup_kv_group_s16_radix",
+                "attn_speedup_1_16_max_kv_group_s16_radix", "attn_speedup_1_16_max_kv_group_s16_filter",
+                "e2e_decode_speedup", "e2e_decode_speedup_kv_group", "e2e_decode_speedup_kv_group_s16",
+                "e2e_decode_speedup_kv_group_s16_radix", "e2e_decode_speedup_kv_group_s16_filter",
                 "e2e_decode_speedup_kv_group_s16_int8", "offload_speedup", "offload_speedup_kv_group",
                 "offload_speedup_kv_group_no_prefetch"):
         if key in m:

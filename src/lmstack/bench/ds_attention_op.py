@@ -112,7 +112,7 @@ def check(shape: OpShape, batch: int = 3, ctx: int = 5000, seed: int = 1) -> dic
         # Equal scores may tie at the k-th place, so compare the chosen scores rather than the positions.
         for scores in (want, want.to(torch.bfloat16)):
             expected = scores.gather(-1, ref.ds_topk(scores, inp.lens, shape.keep(ctx)).long()).sort(-1).values
-            for method in ("torch", "radix"):
+            for method in ("torch", "radix", "filter"):
                 chosen = scores.gather(-1, ds_topk(scores, inp.lens, shape.keep(ctx), method).long()).sort(-1).values
                 name = f"topk_mismatch_{method}_{str(scores.dtype).removeprefix('torch.')}_{tag}"
                 errors[name] = 0.0 if torch.equal(chosen, expected) else 1.0
@@ -159,6 +159,7 @@ def time_config(shape: OpShape, batch: int, ctx: int, seed: int = 0) -> dict[str
         "ds_kv_group_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, True)),
         "ds_kv_group_s16_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, True, torch.bfloat16)),
         "ds_kv_group_s16_radix_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, True, torch.bfloat16, "radix")),
+        "ds_kv_group_s16_filter_us": _bench_ms(lambda: ds_decode(inp, shape, ctx, True, torch.bfloat16, "filter")),
     }
     for shared, tag in ((False, ""), (True, "_kv_group")):
         ql = q_labels(inp, shape, shared)
@@ -168,6 +169,7 @@ def time_config(shape: OpShape, batch: int, ctx: int, seed: int = 0) -> dict[str
             lambda: ds_label_scores(ql, inp.labels, inp.tables, inp.lens, max_seq_len=ctx))  # noqa: B023
         us[f"stage_topk{tag}_us"] = _bench_ms(lambda: ds_topk(scores, inp.lens, keep))  # noqa: B023
         us[f"stage_topk_radix{tag}_us"] = _bench_ms(lambda: ds_topk(scores, inp.lens, keep, "radix"))  # noqa: B023
+        us[f"stage_topk_filter{tag}_us"] = _bench_ms(lambda: ds_topk(scores, inp.lens, keep, "filter"))  # noqa: B023
         us[f"stage_sparse{tag}_us"] = _bench_ms(
             lambda: ds_sparse_attention(inp.q, inp.k, inp.v, inp.tables, idx, scale))  # noqa: B023
     us = {name: ms * 1e3 for name, ms in us.items()}
@@ -176,6 +178,7 @@ def time_config(shape: OpShape, batch: int, ctx: int, seed: int = 0) -> dict[str
             "speedup_kv_group": us["dense_us"] / us["ds_kv_group_us"],
             "speedup_kv_group_s16": us["dense_us"] / us["ds_kv_group_s16_us"],
             "speedup_kv_group_s16_radix": us["dense_us"] / us["ds_kv_group_s16_radix_us"],
+            "speedup_kv_group_s16_filter": us["dense_us"] / us["ds_kv_group_s16_filter_us"],
             "dense_gb_s": shape.kv_bytes(batch, ctx) / us["dense_us"] / 1e3}
 
 

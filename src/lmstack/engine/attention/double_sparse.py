@@ -99,7 +99,8 @@ class DoubleSparseConfig:
     selection: str = "head"  # head: top-k per query head; kv_group: one list per KV head from the group's summed scores
     score_bits: int = 32  # 16: approximate scores stored in bf16, halving the top-k's bytes (ties may reorder)
     kernels: str = "auto"  # auto: Triton on CUDA when available; torch: the reference everywhere
-    topk: str = "torch"  # Triton path's top-k: torch (torch.topk) or radix (radix_topk); the reference: torch.topk
+    topk: str = "torch"  # Triton path's top-k: torch (torch.topk), radix (radix_topk) or filter (filter_topk);
+    # the reference: torch.topk
 
     def __post_init__(self) -> None:
         self.token_budget = parse_budget(self.token_budget)
@@ -115,8 +116,8 @@ class DoubleSparseConfig:
         if self.selection not in SELECTIONS:
             raise LmstackError(f"double_sparse selection must be one of {', '.join(SELECTIONS)}, "
                                f"got {self.selection!r}")
-        if self.topk not in ("torch", "radix"):
-            raise LmstackError(f"double_sparse topk must be torch or radix, got {self.topk!r}")
+        if self.topk not in ("torch", "radix", "filter"):
+            raise LmstackError(f"double_sparse topk must be torch, radix or filter, got {self.topk!r}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise LmstackError(f"double_sparse kernels must be auto, torch or triton, got {self.kernels!r}")
         if not all(isinstance(i, int) and i >= 0 for i in self.dense_layers):

@@ -7,7 +7,8 @@ Hq query heads, Hkv KV heads (group G = Hq // Hkv), D head dim, r label channels
   token) once and scores it for all query rows with one block-diagonal tensor-core dot ([rows, Hkv r] x
   [Hkv r, tile]).
 - `ds_topk`: `torch.topk(sorted=False)`, or with method="radix" our own radix select (`radix_topk`: a few
-  histogram passes and a compaction, each reading the scores once), plus an exact shortcut for rows whose
+  histogram passes and a compaction, each reading the scores once), or with method="filter" a sampled pivot
+  that filters each row to ~1.5k candidates for `torch.topk` (`filter_topk`), plus an exact shortcut for rows whose
   context fits in the budget: every position is kept, in order, with the -1 tail. No host sync.
 - `ds_sparse_attention`: flash-decoding over the selected positions only. idx has one row per query head
   (the contract) or one per KV head (`kv_group` selection: the group shares its tokens, so each gathered K/V
@@ -24,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmstack.engine.attention.filter_topk import filter_topk
 from lmstack.engine.attention.radix_topk import radix_topk
 from lmstack.engine.attention.triton_paged import (
     _LOG2E,
@@ -35,7 +37,7 @@ from lmstack.engine.attention.triton_paged import (
     online_softmax_tile,
 )
 
-TOPK_METHODS = ("torch", "radix")
+TOPK_METHODS = ("torch", "radix", "filter")
 _SCORE_TILE = 256  # tokens per label-scoring program (fewer when Hkv x r is wide)
 
 
@@ -159,7 +161,8 @@ def ds_topk(scores: torch.Tensor, seq_lens: torch.Tensor, k: int, method: str = 
     scores [B, H, S_max] · seq_lens [B] → idx [B, H, k] int32. A row whose seq_len <= k keeps every position
     0..seq_len-1 in order and ends in -1; longer rows take the k best of positions < seq_len, by `torch.topk`
     (method "torch": finite scores only, so no position >= seq_len, score -inf, can win) or by `radix_topk`
-    (method "radix", which reads positions < seq_len only). Nothing is read back to the host.
+    (method "radix", which reads positions < seq_len only) or by `filter_topk` (method "filter": a sampled
+    pivot, a filter pass, and torch.topk over the ~1.5k candidates). Nothing is read back to the host.
     """
     if method not in TOPK_METHODS:
         raise ValueError(f"top-k method must be one of {', '.join(TOPK_METHODS)}, got {method!r}")
@@ -173,6 +176,8 @@ def ds_topk(scores: torch.Tensor, seq_lens: torch.Tensor, k: int, method: str = 
         return whole.contiguous()
     if method == "radix":
         top = radix_topk(scores, seq_lens, k)  # [B, H, k]; rows with seq_len <= k unwritten: `whole` has them
+    elif method == "filter":
+        top = filter_topk(scores, seq_lens, k)  # the same contract as radix_topk
     else:
         top = scores.topk(k, dim=-1, sorted=False).indices.to(torch.int32)  # [B, H, k]
     return torch.where(lens <= k, whole, top)

@@ -37,7 +37,7 @@ def num_passes(dtype: torch.dtype) -> int:
 
 
 @triton.jit
-def _order_key(x):
+def order_key(x):
     """fp32 values → int64 keys in [0, 2^32) ordered as the floats are."""
     bits = x.to(tl.int32, bitcast=True)
     flipped = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order = float order
@@ -83,7 +83,7 @@ def _histogram_kernel(
     if idle:
         return
     x = tl.load(scores_ptr + row * stride_r + offs, mask=valid, other=0.0).to(tl.float32)
-    key = _order_key(x)
+    key = order_key(x)
     shift = 32 - _DIGIT * (PASS + 1)
     if PASS > 0:
         prefix, _ = _prefix(hist_ptr, row, num_rows, k, PASS, NB)
@@ -108,7 +108,7 @@ def _compact_kernel(
     x = tl.load(scores_ptr + row * stride_r + offs, mask=valid, other=0.0).to(tl.float32)
     prefix, need = _prefix(hist_ptr, row, num_rows, k, PASSES, NB)
     low = 32 - _DIGIT * PASSES  # bits no pass looked at: constant within a 16-bit float
-    high = _order_key(x) >> low
+    high = order_key(x) >> low
     threshold = prefix >> low
     above = valid & (high > threshold)
     tie = valid & (high == threshold)
