@@ -19,10 +19,11 @@ from lmstack.engine.attention import AttentionBackend, AttentionMetadata
 from lmstack.engine.sampler import sampling_probs
 from lmstack.engine.spec import rejection_sample
 from lmstack.engine.spec.acceptance import Acceptance, expected_tokens
-from lmstack.engine.spec.controller import SmartSpec, make_controller, merge_profiles, save_profile
+from lmstack.engine.spec.controller import merge_profiles, save_profile
 from lmstack.engine.spec.latency import FEATURES, StepShape, fit_nonnegative, nnls_normal, step_features
 from lmstack.engine.spec.proposers import NgramIndex, Proposal
 from lmstack.engine.spec.rejection import greedy_accept
+from lmstack.engine.spec.smartspec import SmartSpec, make_controller
 from lmstack.errors import LmstackError
 from lmstack.models import load
 

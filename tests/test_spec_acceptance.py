@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from lmstack.engine.spec.acceptance import HIT, MISS, NEW, Acceptance, expected_tokens, merge_tables
-from lmstack.engine.spec.controller import SmartSpec, make_controller, merge_profiles
+from lmstack.engine.spec.controller import merge_profiles
 from lmstack.engine.spec.latency import FEATURES, StepShape, size_bucket, step_features
+from lmstack.engine.spec.smartspec import SmartSpec, make_controller
 from test_spec import _measured, _set_rates, _shape
 
 # An n-gram-like proposer: the first token is the gamble; once it is accepted, the span nearly always continues.

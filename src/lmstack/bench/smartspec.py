@@ -308,8 +308,9 @@ def plot(metrics: dict[str, Any], path: Path, title: str) -> bool:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the sweep described by `args`; write results JSON, plot and profile; return the metrics."""
     from lmstack import LLM, SamplingParams
-    from lmstack.engine.spec.controller import SmartSpec, merge_profiles, read_profile, save_profile
+    from lmstack.engine.spec.controller import merge_profiles, read_profile, save_profile
     from lmstack.engine.spec.decoder import plain_profile
+    from lmstack.engine.spec.smartspec import SmartSpec
 
     policies = _check(args)
     if args.threads is not None:

@@ -30,10 +30,11 @@ from lmstack.engine.runner import ModelRunner
 from lmstack.engine.sampler import gather_logprobs, race_noise, sampling_probs
 from lmstack.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from lmstack.engine.sequence import Sequence
-from lmstack.engine.spec.controller import PROFILE_VERSION, Controller, compact_feature, make_controller
+from lmstack.engine.spec.controller import PROFILE_VERSION, Controller, compact_feature
 from lmstack.engine.spec.latency import FEATURES, StepShape, padded_tokens, step_features
 from lmstack.engine.spec.proposers import PROPOSERS, Proposal, Proposer, ProposerContext
 from lmstack.engine.spec.rejection import greedy_accept, rejection_sample
+from lmstack.engine.spec.smartspec import make_controller
 from lmstack.models.llama import LlamaModel
 from lmstack.models.tokenizer import Tokenizer
 
