@@ -248,7 +248,9 @@ def _metrics(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Attention-op speedup against context, one line per batch size (solid: per-head, dashed: kv_group)."""
+    """Attention-op speedup against context, one colour per batch size: per-head lists (solid), kv_group lists
+    with bf16 scores (dashed) and the same with the filter top-k (dotted), where measured; the end-to-end and
+    offload ratios in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,28 +259,34 @@ def plot(results: dict[str, Any], path: Path) -> None:
     rows = [r for r in results.get("attention", {}).get("rows", []) if "dense_us" in r]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
+    lines = (("speedup_head", "o-", "per head"), ("speedup_kv_group_s16", "s--", "kv_group s16"),
+             ("speedup_kv_group_s16_filter", "^:", "kv_group s16 filter"))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, batch in enumerate(sorted({r["batch"] for r in rows})):
-        pts = sorted((r["context"], r["speedup_head"], r["speedup_kv_group"]) for r in rows if r["batch"] == batch)
-        color = f"C{i}"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"B={batch} per head")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", color=color, label=f"B={batch} kv_group")
+        mine = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["context"])
+        for key, style, label in lines:
+            if all(key in r for r in mine):
+                ax.plot([r["context"] for r in mine], [r[key] for r in mine], style, color=f"C{i}",
+                        label=f"B={batch} {label}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("attention-op speedup over dense Triton decode")
     title = "Double Sparsity 1/16, Llama-3-8B shapes, bf16"
-    e2e = [f"{results[key]:.2f}x ({label})" for key, label in (("e2e_decode_speedup", "per head"),
-                                                                ("e2e_decode_speedup_kv_group", "kv_group"))
+    e2e = results.get("e2e", {})
+    ran = [f"{label} {results[key]:.2f}x" for key, label in
+           [("e2e_decode_speedup", "per head")] + [(f"e2e_decode_speedup_{v}", v) for v in E2E_VARIANTS[1:]]
            if key in results]
-    if e2e:
-        title += "\nend to end " + ", ".join(e2e)
+    if ran:
+        title += f"\nend to end (B={e2e.get('batch')}, {e2e.get('context')} tokens): " + ", ".join(ran)
     if "offload_speedup" in results:
-        title += (f"; offload vs full streaming {results['offload_speedup']:.1f}x (per head), "
-                  f"{results['offload_speedup_kv_group']:.1f}x (kv_group)")
-    ax.set_title(title, fontsize=10)
+        title += (f"\noffload vs full streaming: per head {results['offload_speedup']:.1f}x, kv_group "
+                  f"{results['offload_speedup_kv_group']:.1f}x")
+        if "offload_speedup_kv_group_no_prefetch" in results:
+            title += f" ({results['offload_speedup_kv_group_no_prefetch']:.1f}x without prefetch)"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=6, ncol=3)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
