@@ -152,6 +152,7 @@ def _e2e(model: Any, tokenizer: Any, r: int, args: argparse.Namespace) -> dict[s
     from lmstack.engine.attention.double_sparse import DoubleSparseConfig
     from lmstack.engine.config import EngineConfig
     from lmstack.engine.llm_engine import LLMEngine
+    from lmstack.engine.runner import GRAPH_BATCH_SIZES
 
     steps = args.e2e_steps
     ds_options: dict[str, Any] = {"channels": args.channels, "token_budget": args.token_budget}
@@ -174,7 +175,8 @@ def _e2e(model: Any, tokenizer: Any, r: int, args: argparse.Namespace) -> dict[s
         engine = LLMEngine(model, tokenizer, config)
         try:
             split = measure_step_split(engine, args.e2e_batch, args.e2e_context, steps=steps)
-            bounds = sorted(c for b, c in engine.runner.graphs if b == args.e2e_batch)  # decode graphs replayed
+            bucket = next(b for b in GRAPH_BATCH_SIZES if b >= args.e2e_batch)  # the batch's decode graphs
+            bounds = sorted(c for b, c in engine.runner.graphs if b == bucket)
         finally:
             del engine
             gc.collect()
