@@ -158,9 +158,20 @@ def test_per_request_counts_survive_growth_and_forgetting() -> None:
     assert acc.states(keys) == [own.get(k, (NEW, None))[0] for k in keys]
 
 
+def _model(ctl: SmartSpec, shape: StepShape, f: np.ndarray, k: int) -> float:
+    """`predict`, except that in a step which prefills only what proposing adds is corrected as k's."""
+    b = len(shape.caps)
+    if not shape.mixed:
+        return ctl.predict(f, k, b)
+    corrections = ctl._corrections(b)
+    plain = ctl.predict(ctl.features(shape, [0] * b), 0, b) / corrections[0]
+    return plain * corrections[0] + (ctl.predict(f, k, b) / corrections[k] - plain) * corrections[k]
+
+
 @pytest.mark.parametrize("draft_forwards", [False, True])
 def test_vectorized_step_times_are_the_latency_model(draft_forwards: bool) -> None:
-    """What `plan` evaluates for all k at once equals `predict` of each option's features."""
+    """What `plan` evaluates for all k at once equals `predict` of each option's features (in a step that
+    prefills, with the correction applied as `_step_times` says)."""
     rng = np.random.default_rng(6)
     for _ in range(20):
         ctl = SmartSpec(5, draft_forwards)
@@ -178,7 +189,7 @@ def test_vectorized_step_times_are_the_latency_model(draft_forwards: bool) -> No
         seconds, per_token = ctl._step_times(shape, lengths, ctl._catch_up(shape, lengths, expected))
         for row, s, t in zip(lengths.tolist(), seconds, per_token, strict=True):
             f = ctl.features(shape, row)
-            assert s == pytest.approx(ctl.predict(f, max(row), b), rel=1e-12)
+            assert s == pytest.approx(_model(ctl, shape, f, max(row)), rel=1e-12)
             # One proposed token fewer: one batched and KV token fewer, unless the step is padded to a chunk
             # graph's rows anyway; one draft token fewer.
             padded = shape.padded(max(row)) is not None
@@ -186,7 +197,7 @@ def test_vectorized_step_times_are_the_latency_model(draft_forwards: bool) -> No
             for name in (() if padded else ("batched_tokens", "kv_tokens")) + (
                     ("draft_tokens",) if draft_forwards else ()):
                 one[FEATURES.index(name)] = 1.0
-            assert t == pytest.approx(s - ctl.predict(f - one, max(row), b), rel=1e-9, abs=1e-9 * s)
+            assert t == pytest.approx(s - _model(ctl, shape, f - one, max(row)), rel=1e-9, abs=1e-9 * s)
 
 
 def test_a_proposal_length_measured_dearer_than_the_model_is_avoided() -> None:

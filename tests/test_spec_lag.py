@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmstack.engine.spec.latency import StepShape
+from lmstack.engine.spec.latency import StepShape, size_bucket
 from lmstack.models import load
 from test_spec import GREEDY, MODEL, PROMPTS, _planted, _set_acceptance, perturbed, run
 
@@ -118,3 +118,23 @@ def test_a_catch_up_is_charged_in_full_where_the_decodes_would_not_speculate() -
     assert ctl.choose(step(0).alone) == 0
     assert ctl.choose(step(0)) == 5
     assert ctl.choose(step(300)) == 0
+
+
+@pytest.mark.parametrize("speculating_correction", [0.9, 1.1])
+def test_a_prefill_s_time_is_not_scaled_by_a_proposal_s_correction(speculating_correction: float) -> None:
+    """Corrections are measured on steps of the decode batch size; in a step that prefills, they scale what
+    proposing adds, not the prefill: what a proposal costs does not depend on the prompt beside it."""
+    ctl = _planted(CPU_LIKE)
+    bucket = size_bucket(1)
+    ctl.correction.update({(False, bucket): 1.0, (True, bucket): speculating_correction})
+    ctl.k_correction.clear()
+    ctl._correction_rows.clear()
+
+    def proposal_cost(prefill: int) -> float:
+        shape = StepShape(batched_tokens=1 + prefill, kv_tokens=300 + prefill, num_other_samples=1, keys=[0],
+                          caps=[5], num_chunks=2, mixed=True)
+        seconds = ctl._step_times(shape, np.array([[0], [1]]))[0]
+        return float(seconds[1] - seconds[0])
+
+    assert proposal_cost(20000) > 0
+    assert proposal_cost(20000) == pytest.approx(proposal_cost(100), rel=1e-6)

@@ -36,7 +36,8 @@ load, poorly accepted requests stop padding the batch while well accepted ones k
   and SmartSpec chose k = 3 on 32% of its speculating steps at 32 req/s where k = 5 ran faster (9% with it).
   Hardware is still not always linear (on CPU a 2-row matrix product can cost twice a 1-row one), so each
   (speculating or not, decode batch size) group that has been measured also corrects the model by its median
-  ratio of measured to predicted time. A proposal length measured at least `min_k_samples` times at that batch
+  ratio of measured to predicted time (in a step that also prefills, only what proposing adds to it:
+  `_step_times`). A proposal length measured at least `min_k_samples` times at that batch
   size gets its own median, shrunk toward its group's, for what a model linear in tokens misses at one k: on the
   H200 (n-gram lookup, SmolLM2-135M) steps of k = 2 and 4 ran 10-43% over the model at 1-7 decodes while k = 1, 3
   and 5 stayed within 10% (only SmartSpec chose those k, and its steps include its own host time). With fewer
@@ -230,11 +231,29 @@ class SmartSpec(Controller):
         costs in it (the model's seconds less its seconds with one batched, KV and draft token fewer).
         `catch_up[N]` is each row's draft tokens beyond its proposals (default none).
 
-        The model is linear, so it is evaluated from each row's proposed tokens, longest proposal and
-        mixedness: `predict` of the rows' `features`, without building them (this runs every
-        step, on the step's critical path)."""
+        A step that prefills is mixed whatever k is, and most of its time is the prefill's, so there each k's
+        correction (measured on steps of this decode batch size) scales only what proposing adds. Applied to the
+        whole step, the gap between the corrections was worth more than a proposal's cost: on a 2-core CPU
+        (draft 0.5B, target 1.5B, ShareGPT at 0.4 req/s), in a 12.8 s step prefilling 268 tokens, k = 1 with a
+        44-token draft catch-up added 0.76 s to the model's time, but the correction of k = 1 (0.957, plain
+        1.000) took 0.58 s of it back, so its 0.85 more tokens seemed to pay and the draft read the prompt."""
         if self.coef is None:
             raise RuntimeError("the latency model is not fitted yet")
+        linear, per_token = self._linear(shape, lengths, catch_up)
+        corrections = self._corrections(len(shape.caps))
+        correction = corrections[lengths.max(axis=1, initial=0)]
+        marginal = (np.maximum(linear, 1e-9) - np.maximum(linear - per_token, 1e-9)) * correction
+        if shape.mixed:
+            plain = float(self._linear(shape, np.zeros((1, lengths.shape[1]), dtype=np.int64), None)[0][0])
+            return np.maximum(plain * corrections[0] + (linear - plain) * correction, 1e-9), marginal
+        return np.maximum(linear, 1e-9) * correction, marginal
+
+    def _linear(self, shape: StepShape, lengths: np.ndarray, catch_up: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray | float]:
+        """The latency model's seconds for each row of lengths [N, B] before corrections, and a proposed
+        token's seconds in it. The model is linear, so it is evaluated from each row's proposed tokens, longest
+        proposal and mixedness: `predict` of the rows' `features`, without building them (this runs every
+        step, on the step's critical path)."""
         c = self._named_coef
         draft_token = c["draft_tokens"] if self.draft_forwards else 0.0
         per_token = c["batched_tokens"] + c["kv_tokens"] + draft_token
@@ -255,9 +274,7 @@ class SmartSpec(Controller):
             linear = linear + c["draft_forwards"] * longest
             if catch_up is not None:
                 linear = linear + c["draft_tokens"] * catch_up
-        correction = self._corrections(len(shape.caps))[longest]
-        seconds = np.maximum(linear, 1e-9)
-        return seconds * correction, (seconds - np.maximum(linear - per_token, 1e-9)) * correction
+        return linear, per_token
 
     def _catch_up(self, shape: StepShape, lengths: np.ndarray, expected: np.ndarray) -> np.ndarray | None:
         """Draft tokens charged to each row of per-request lengths [N, B] for the requests' lags (module
